@@ -1,0 +1,100 @@
+"""CompressConfig: the one frozen, validated configuration of :func:`compress`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .errors import DisparseValueError
+
+__all__ = ["CompressConfig", "CRITERIA", "GRANULARITIES", "default_prunable"]
+
+CRITERIA = ("snip", "taylor", "magnitude", "random")
+GRANULARITIES = ("element", "channel")
+
+# Module types whose ``weight`` is prunable by default (method.md: conv/linear only).
+_PRUNABLE_MODULES = (
+    torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+    torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d,
+    torch.nn.Linear,
+)
+
+
+def default_prunable(module: Optional[torch.nn.Module], param_name: str) -> bool:
+    """Default rule: weights of Conv/ConvTranspose/Linear modules.
+
+    ``module`` is the module that holds the parameter, or None for a parameter read
+    directly by the graph (a functional conv/linear weight through get_attr); the latter
+    is prunable when it has at least 2 dimensions (a matrix or a conv kernel).
+    """
+    leaf = param_name.rpartition(".")[2]
+    if module is None:
+        return leaf != "bias"
+    return isinstance(module, _PRUNABLE_MODULES) and leaf == "weight"
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """How to compress.
+
+    sparsity: fraction of prunable parameters removed, in [0, 1).
+    criterion: "snip" (|g*w|, at initialisation), "taylor" (w^2 * sum|g|, trained
+        models), "magnitude" (|w|, data-free) or "random" (seeded baseline).
+    disentangle: True = DiSparse (per-task scores, unanimous decision); False = one
+        global score on the summed loss (the baseline users compare against).
+    granularity: "element" or "channel".
+    num_batches: batches used to estimate importance (snip / taylor).
+    seed: seeds the random criterion and tie-breaking; same seed -> same masks.
+    min_layer_density: floor on each prunable parameter's kept fraction (at least one
+        element is always kept), so no layer is pruned to zero.
+    allow_fewer_batches: use whatever the data yields when it has fewer than
+        num_batches batches, instead of raising NotEnoughBatchesError.
+    filter_fn: ``filter_fn(name, param) -> bool`` overrides which parameters are
+        prunable (default: Conv/ConvTranspose/Linear weights and functional weights).
+    progress: show a tqdm bar over batches (only when stderr is a terminal).
+    round_to: channel granularity only; kept channel counts are multiples of it.
+    """
+
+    sparsity: float = 0.9
+    criterion: str = "snip"
+    disentangle: bool = True
+    granularity: str = "element"
+    num_batches: int = 50
+    seed: int = 0
+    min_layer_density: float = 0.01
+    allow_fewer_batches: bool = False
+    filter_fn: Optional[Callable[[str, torch.nn.Parameter], bool]] = None
+    progress: bool = True
+    round_to: int = 1
+
+    def __post_init__(self):
+        def bad(field, must, got):
+            raise DisparseValueError(f"CompressConfig.{field} must be {must}, got {got!r}")
+
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
+                or not 0.0 <= float(self.sparsity) < 1.0:
+            bad("sparsity", "a number in [0, 1)", self.sparsity)
+        if self.criterion not in CRITERIA:
+            bad("criterion", f"one of {CRITERIA}", self.criterion)
+        if not isinstance(self.disentangle, bool):
+            bad("disentangle", "True or False", self.disentangle)
+        if self.granularity not in GRANULARITIES:
+            bad("granularity", f"one of {GRANULARITIES}", self.granularity)
+        if isinstance(self.num_batches, bool) or not isinstance(self.num_batches, int) or self.num_batches < 1:
+            bad("num_batches", "an integer >= 1", self.num_batches)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            bad("seed", "an integer", self.seed)
+        if not isinstance(self.min_layer_density, (int, float)) or not 0.0 <= self.min_layer_density <= 1.0:
+            bad("min_layer_density", "a number in [0, 1]", self.min_layer_density)
+        if self.min_layer_density > 1.0 - self.sparsity:
+            bad("min_layer_density", f"at most 1 - sparsity = {1.0 - self.sparsity:g}", self.min_layer_density)
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            bad("filter_fn", "None or a callable (name, param) -> bool", self.filter_fn)
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            bad("round_to", "an integer >= 1", self.round_to)
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the criterion reads gradients (snip, taylor) rather than weights only."""
+        return self.criterion in ("snip", "taylor")

@@ -1,0 +1,145 @@
+"""Trace a multitask model into a torch.fx GraphModule and find its task outputs.
+
+A multitask model's ``forward`` returns either a dict ``{task_name: Tensor}`` or a
+tuple/list of Tensors (task ``i`` is position ``i``). After tracing, the graph's output
+node returns the same structure, and :func:`task_output_nodes` maps every task to the
+fx node that produces its output - the anchor of the ownership analysis.
+
+>>> import torch, torch.nn as nn
+>>> class TwoHeads(nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.trunk = nn.Linear(4, 8)
+...         self.a, self.b = nn.Linear(8, 1), nn.Linear(8, 2)
+...     def forward(self, x):
+...         h = self.trunk(x).relu()
+...         return {"a": self.a(h), "b": self.b(h)}
+>>> gm = trace_model(TwoHeads())
+>>> {task: node.name for task, node in task_output_nodes(gm).items()}
+{'a': 'a', 'b': 'b'}
+"""
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any, Dict, Hashable, Iterable, Mapping, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import TraceError
+
+__all__ = ["trace_model", "task_output_nodes", "task_names"]
+
+log = logging.getLogger(__name__)
+
+
+class _Tracer(fx.Tracer):
+    """A symbolic tracer that records source lines and honours extra leaf modules."""
+
+    def __init__(self, leaf_modules: Iterable[type] = ()):
+        super().__init__()
+        self.record_stack_traces = True
+        self._extra_leaves = tuple(leaf_modules)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self._extra_leaves and isinstance(m, self._extra_leaves):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace_model(
+    model: nn.Module,
+    *,
+    leaf_modules: Iterable[type] = (),
+    concrete_args: Optional[Dict[str, Any]] = None,
+) -> fx.GraphModule:
+    """Trace ``model`` with torch.fx; a GraphModule is returned as it is.
+
+    The returned GraphModule shares its submodules and parameters with ``model`` (as
+    ``torch.fx.symbolic_trace`` does); callers that will modify it copy it first.
+    Raises :class:`TraceError` naming the failing module and source line, with the two
+    usual remedies (mark the module a leaf, or pass ``concrete_args``).
+    """
+    if isinstance(model, fx.GraphModule):
+        task_output_nodes(model)  # validates the output structure
+        return model
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected an nn.Module or fx.GraphModule, got {type(model).__name__}")
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:  # noqa: BLE001 - re-raised with context below
+        where = _user_frame(exc)
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}"
+            + (f"\n  failing code: {where}" if where else "")
+            + "\n  what to do: mark the module whose forward has data-dependent control flow"
+            " as a leaf (leaf_modules=(ThatModule,)), or fix input-dependent arguments with"
+            " concrete_args={'flag': value}."
+        ) from exc
+    name = model.__class__.__name__
+    gm = fx.GraphModule(tracer.root, graph, name)
+    task_output_nodes(gm)
+    log.debug("traced %s:\n%s", name, _LazyCode(gm))
+    return gm
+
+
+def task_output_nodes(gm: fx.GraphModule) -> Dict[Hashable, fx.Node]:
+    """Map each task (dict key, or position for tuple/list outputs) to its output node.
+
+    A single Tensor output is one task named ``0``. Raises :class:`TraceError` for any
+    other output structure (nested containers, constants, duplicated tasks).
+    """
+    outputs = [n for n in gm.graph.nodes if n.op == "output"]
+    if len(outputs) != 1:
+        raise TraceError(f"graph has {len(outputs)} output nodes, expected exactly one")
+    result = outputs[0].args[0]
+    if isinstance(result, fx.Node):
+        pairs: Iterable = [(0, result)]
+    elif isinstance(result, Mapping):
+        pairs = result.items()
+    elif isinstance(result, (tuple, list)):
+        pairs = enumerate(result)
+    else:
+        raise TraceError(
+            f"the model returns {type(result).__name__}; expected a dict {{task: Tensor}} "
+            "or a tuple/list of Tensors (one per task)"
+        )
+    mapping: Dict[Hashable, fx.Node] = {}
+    for task, node in pairs:
+        if not isinstance(node, fx.Node):
+            raise TraceError(
+                f"output for task {task!r} is {type(node).__name__} ({node!r}), not a tensor "
+                "computed by the graph; each task output must be one Tensor"
+            )
+        mapping[task] = node
+    if not mapping:
+        raise TraceError("the model returns no task outputs")
+    return mapping
+
+
+def task_names(gm: fx.GraphModule) -> tuple:
+    """The tasks of a traced model, in output order."""
+    return tuple(task_output_nodes(gm))
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The last traceback frame outside torch: the user's line that failed to trace."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f'File "{f.filename}", line {f.lineno}, in {f.name}: {f.line or ""}'.strip()
+
+
+class _LazyCode:
+    """Formats the generated code only if the DEBUG message is actually emitted."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+
+    def __str__(self) -> str:
+        return self.gm.code
+
