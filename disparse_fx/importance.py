@@ -1,0 +1,259 @@
+"""Disentangled importance: every parameter scored separately for each task using it.
+
+For each batch the model runs ONE forward pass; then each task's loss (on its own
+output only) is differentiated with ``torch.autograd.grad`` with respect to the
+parameters of that task's domain alone, keeping the autograd graph between the
+backwards. No copy of the model is made: the forward is a ``torch.func.functional_call``
+with detached leaf tensors for the prunable parameters (so the user's requires_grad
+flags are untouched) and clones of the buffers (so BatchNorm statistics are not
+updated). The model's train/eval modes are set to train for the estimate and restored
+afterwards, whatever happens.
+
+Criteria (method.md), accumulated in float32 whatever the weights' dtype:
+
+=========  ============================================
+snip       sum over batches of |g_t * w|
+taylor     w^2 * sum over batches of |g_t|
+magnitude  |w|  (data-free; identical for every task)
+random     seeded uniform, one draw per task
+=========  ============================================
+
+With ``disentangle=False`` a single score is computed on the summed loss (one backward
+per batch) - the baseline users compare against.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Hashable, Iterable, Mapping, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils._pytree import tree_map
+from tqdm.auto import tqdm
+
+from . import distributed
+from .config import CompressConfig
+from .errors import InputError, LossError, NotEnoughBatchesError, ZeroGradientError
+
+__all__ = ["TaskScores", "estimate_importance", "default_inputs", "SUMMED"]
+
+log = logging.getLogger(__name__)
+
+SUMMED = "__summed__"  # key of the summed-loss score (disentangle=False)
+
+LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TaskScores:
+    """Per-unit importance: {unit: {param name: float32 score}}.
+
+    A unit is a task (``disentangle=True``) or :data:`SUMMED`. Each unit's scores cover
+    exactly its domain's prunable parameters. ``batches`` is how many batches were used.
+    """
+
+    scores: Mapping[Hashable, Mapping[str, torch.Tensor]]
+    domains: Mapping[Hashable, Tuple[str, ...]]
+    batches: int
+
+
+def default_inputs(batch: Any) -> Any:
+    """api.md's default: batch[0] for tuples/lists, batch["input"] for dicts, else the batch."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    if isinstance(batch, Mapping):
+        if "input" not in batch:
+            raise InputError(
+                f"the batch is a dict with keys {sorted(map(str, batch))} but no 'input'; "
+                "pass inputs=lambda batch: batch['<your key>'] to compress()"
+            )
+        return batch["input"]
+    return batch
+
+
+def estimate_importance(
+    gm: fx.GraphModule,
+    *,
+    domains: Mapping[Hashable, Sequence[str]],
+    params: Mapping[str, nn.Parameter],
+    task_losses: Mapping[Hashable, LossFn],
+    data: Iterable,
+    inputs: Callable[[Any], Any],
+    config: CompressConfig,
+) -> TaskScores:
+    """Score the prunable parameters for each task over its domain.
+
+    ``domains``: {task: prunable parameter names whose output reaches the task}.
+    ``params``: {name: parameter object} for those names (the objects ``gm`` reads).
+    """
+    units: Dict[Hashable, Tuple[str, ...]] = {t: tuple(d) for t, d in domains.items()}
+    if not config.disentangle:
+        units = {SUMMED: tuple(dict.fromkeys(p for d in domains.values() for p in d))}
+    if config.criterion == "magnitude":
+        scores = {u: {p: params[p].detach().abs().float() for p in d} for u, d in units.items()}
+        return TaskScores(scores, units, 0)
+    if config.criterion == "random":
+        return TaskScores(_random_scores(units, params, config.seed), units, 0)
+    return _gradient_scores(gm, units, params, task_losses, data, inputs, config)
+
+
+def _random_scores(units, params, seed):
+    scores = {}
+    for i, (u, dom) in enumerate(units.items()):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        scores[u] = {p: torch.rand(params[p].shape, generator=gen).to(params[p].device) for p in dom}
+    return scores
+
+
+def _gradient_scores(gm, units, params, task_losses, data, inputs, config) -> TaskScores:
+    device = next(iter(params.values())).device
+    names_in_gm = _gm_names(gm, params)
+    grad_acc = {u: {p: torch.zeros(params[p].shape, dtype=torch.float32, device=device) for p in d}
+                for u, d in units.items()}
+    snip = config.criterion == "snip"
+    batches = 0
+    bar = tqdm(total=config.num_batches, desc="importance", unit="batch",
+               disable=not (config.progress and sys.stderr.isatty()), leave=False)
+    with _train_mode(gm), _forked_rng(device, config.seed), bar:
+        buffers = {n: b.detach().clone() for n, b in gm.named_buffers()}
+        for index, batch in enumerate(_take(data, config.num_batches)):
+            leaves = {p: params[p].detach().requires_grad_(True) for p in names_in_gm}
+            batch = _to_device(batch, device)
+            outputs = _forward(gm, leaves, names_in_gm, buffers, batch, inputs, index)
+            losses = _losses(outputs, task_losses, batch, index)
+            if config.disentangle:
+                todo = [(u, losses[u]) for u in units]
+            else:
+                todo = [(SUMMED, torch.stack([losses[t] for t in task_losses]).sum())]
+            for i, (u, loss) in enumerate(todo):
+                dom = units[u]
+                grads = torch.autograd.grad(loss, [leaves[p] for p in dom],
+                                            retain_graph=i < len(todo) - 1, allow_unused=True)
+                for p, g in zip(dom, grads):
+                    if g is None:
+                        continue
+                    g = g.float()
+                    grad_acc[u][p] += (g * leaves[p].detach().float()).abs() if snip else g.abs()
+            batches += 1
+            bar.update(1)
+            del outputs, losses, todo
+    if batches == 0:
+        raise NotEnoughBatchesError(
+            f"data yielded no batch; criterion {config.criterion!r} needs at least one "
+            "(use criterion='magnitude' or 'random' for data-free pruning)"
+        )
+    if batches < config.num_batches and not config.allow_fewer_batches:
+        raise NotEnoughBatchesError(
+            f"data yielded {batches} batches, fewer than config.num_batches={config.num_batches}; "
+            "pass more data, lower num_batches, or set allow_fewer_batches=True to use what there is"
+        )
+    distributed.all_reduce_scores(grad_acc)
+    for u, acc in grad_acc.items():
+        if all(float(a.sum()) == 0.0 for a in acc.values()):
+            what = f"task {u!r}" if u != SUMMED else "the summed loss"
+            raise ZeroGradientError(
+                f"the gradient of {what} is zero on every prunable parameter of its domain "
+                f"({len(acc)} parameters, {batches} batches); its loss does not depend on them - "
+                "check the loss function (detached output? constant?) or drop the task"
+            )
+    if not snip:  # taylor: w^2 * sum |g|
+        for u, acc in grad_acc.items():
+            for p in acc:
+                acc[p] *= params[p].detach().float().square()
+    return TaskScores(grad_acc, units, batches)
+
+
+def _gm_names(gm: fx.GraphModule, params: Mapping[str, nn.Parameter]) -> Dict[str, str]:
+    """{canonical name: name under which gm's functional_call accepts that parameter}."""
+    by_id = {}
+    for name, p in gm.named_parameters():
+        by_id.setdefault(id(p), name)
+    return {canon: by_id[id(p)] for canon, p in params.items()}
+
+
+def _forward(gm, leaves, names_in_gm, buffers, batch, inputs, index):
+    try:
+        args = inputs(batch)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"inputs(batch) raised {type(exc).__name__}: {exc} on batch {index}") from exc
+    args = args if isinstance(args, tuple) else (args,)
+    tensors = {names_in_gm[p]: t for p, t in leaves.items()}
+    try:
+        return torch.func.functional_call(gm, (tensors, buffers), args, strict=False)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(
+            f"the model rejected inputs(batch) on batch {index}: inputs returned "
+            f"{_describe(args)}; {type(exc).__name__}: {exc}. "
+            "Pass inputs=lambda batch: ... returning the model's positional input(s) "
+            "(a tuple for several inputs)."
+        ) from exc
+
+
+def _losses(outputs, task_losses, batch, index) -> Dict[Hashable, torch.Tensor]:
+    losses = {}
+    for task, fn in task_losses.items():
+        pred = outputs[task]
+        loss = fn(pred, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise LossError(
+                f"loss of task {task!r} on batch {index} is {shape}, expected a scalar Tensor "
+                "(reduce it, e.g. with .mean())"
+            )
+        if not torch.isfinite(loss.detach()).all():
+            raise LossError(f"loss of task {task!r} on batch {index} is {loss.item()} (not finite)")
+        if not loss.requires_grad:
+            raise ZeroGradientError(
+                f"loss of task {task!r} on batch {index} does not depend on the model's output "
+                "(no autograd graph); it must be computed from the prediction"
+            )
+        losses[task] = loss.reshape(())
+    return losses
+
+
+def _take(data: Iterable, n: int):
+    for i, batch in enumerate(data):
+        if i >= n:
+            return
+        yield batch
+
+
+def _to_device(batch, device):
+    return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
+
+
+def _describe(args) -> str:
+    def one(a):
+        if isinstance(a, torch.Tensor):
+            return f"Tensor{tuple(a.shape)} {a.dtype}"
+        return type(a).__name__
+
+    return "(" + ", ".join(one(a) for a in args) + ")"
+
+
+@contextlib.contextmanager
+def _train_mode(gm: nn.Module):
+    """Train mode for the estimate; every module's own flag restored afterwards."""
+    modes = [(m, m.training) for m in gm.modules()]
+    try:
+        gm.train()
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
+def _forked_rng(device: torch.device, seed: int):
+    """Seed dropout etc. for determinism without disturbing the caller's RNG state."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+

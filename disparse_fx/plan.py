@@ -1,0 +1,52 @@
+"""Plan: everything compress() decided, keyed by the ORIGINAL model's parameter names."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import FrozenSet, Hashable, Mapping, Tuple
+
+import torch
+
+from .config import CompressConfig
+
+__all__ = ["Plan"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The decision of :func:`disparse_fx.compress` (see api.md).
+
+    owners: {param: frozenset(tasks)} for every parameter (unused ones: empty set).
+    task_scores: {task: {param: float32 score}} over the task's prunable domain,
+        normalised to sum 1 per task (normalising does not change a task's ranking).
+        With ``disentangle=False`` these are the summed-loss scores seen through each
+        task's domain.
+    task_masks: {task: {param: bool}} each task's own keep-mask over its domain.
+    masks: {param: bool} the final keep-mask of every prunable parameter (True = kept).
+    sparsity: achieved fraction of prunable elements removed.
+    config: the CompressConfig used.
+    tasks: the tasks in output order. prunable: the prunable parameters (used by at
+    least one task and accepted by the filter). keep_ratio: the per-task keep ratio the
+    search found. batches: batches used for importance (0 for data-free criteria).
+    """
+
+    owners: Mapping[str, FrozenSet[Hashable]]
+    task_scores: Mapping[Hashable, Mapping[str, torch.Tensor]]
+    task_masks: Mapping[Hashable, Mapping[str, torch.Tensor]]
+    masks: Mapping[str, torch.Tensor]
+    sparsity: float
+    config: CompressConfig
+    tasks: Tuple[Hashable, ...] = ()
+    prunable: Tuple[str, ...] = ()
+    keep_ratio: float = 1.0
+    batches: int = 0
+    shapes: Mapping[str, Tuple[int, ...]] = field(default_factory=dict)
+
+    def density(self, param: str, task: Hashable = None) -> float:
+        """Kept fraction of ``param`` in the final mask, or in ``task``'s own mask."""
+        m = self.masks[param] if task is None else self.task_masks[task][param]
+        return float(m.float().mean())
+
+    def kind(self, param: str) -> str:
+        """'shared', 'task' (one owner) or 'unused'."""
+        n = len(self.owners[param])
+        return "shared" if n > 1 else ("task" if n == 1 else "unused")
