@@ -1,0 +1,218 @@
+"""One test per bad input: error type, message content, and the user's model untouched."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import disparse_fx as dfx
+
+from .zoo import ZOO_BY_NAME
+
+ENTRY = ZOO_BY_NAME["two_heads_dict"]
+
+
+def snapshot(model):
+    return (copy.deepcopy(model.state_dict()), [m.training for m in model.modules()],
+            [p.requires_grad for p in model.parameters()])
+
+
+@pytest.fixture
+def model():
+    m = ENTRY.build()
+    m.eval()  # a non-default mode, to check it is restored
+    m.stem.weight.requires_grad_(False)  # a frozen layer, to check flags are restored
+    return m
+
+
+def assert_untouched(model, snap):
+    sd, modes, flags = snap
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    assert [m.training for m in model.modules()] == modes
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def call(model, losses=None, data=None, **cfg):
+    cfg.setdefault("num_batches", 2)
+    cfg.setdefault("progress", False)
+    kwargs = {k: cfg.pop(k) for k in list(cfg) if k == "inputs"}
+    return dfx.compress(model, losses if losses is not None else ENTRY.task_losses,
+                        data if data is not None else ENTRY.batches(2), dfx.CompressConfig(**cfg), **kwargs)
+
+
+@pytest.mark.parametrize("value", [1.0, 1.5, -0.1, math.nan, "0.5", True])
+def test_sparsity_outside_range(value):
+    with pytest.raises(dfx.DisparseValueError, match=r"sparsity must be a number in \[0, 1\), got"):
+        dfx.CompressConfig(sparsity=value)
+    with pytest.raises(ValueError):  # also a ValueError, per api.md
+        dfx.CompressConfig(sparsity=value)
+
+
+def test_unknown_criterion():
+    with pytest.raises(dfx.DisparseValueError, match=r"criterion must be one of \('snip', 'taylor', 'magnitude', 'random'\), got 'l1'"):
+        dfx.CompressConfig(criterion="l1")
+
+
+@pytest.mark.parametrize("field,value,text", [
+    ("granularity", "block", "granularity must be one of"),
+    ("num_batches", 0, "num_batches must be an integer >= 1, got 0"),
+    ("min_layer_density", 0.5, "min_layer_density must be at most 1 - sparsity"),
+    ("round_to", 0, "round_to must be an integer >= 1"),
+    ("filter_fn", "conv", "filter_fn must be None or a callable"),
+])
+def test_other_config_fields(field, value, text):
+    with pytest.raises(dfx.DisparseValueError, match=text):
+        dfx.CompressConfig(**{field: value})
+
+
+def test_task_losses_names_do_not_match(model):
+    snap = snapshot(model)
+    losses = {"seg": ENTRY.task_losses["seg"], "depth": ENTRY.task_losses["cls"]}
+    with pytest.raises(dfx.TaskMismatchError) as info:
+        call(model, losses)
+    msg = str(info.value)
+    assert "['seg', 'depth']" in msg and "['seg', 'cls']" in msg  # both sides listed
+    assert "no loss for ['cls']" in msg and "no output for ['depth']" in msg
+    assert isinstance(info.value, ValueError)
+    assert_untouched(model, snap)
+
+
+def test_task_losses_list_for_dict_output(model):
+    with pytest.raises(dfx.TaskMismatchError, match=r"names tasks \[0, 1\] but the model outputs \['seg', 'cls'\]"):
+        call(model, [ENTRY.task_losses["seg"], ENTRY.task_losses["cls"]])
+
+
+def test_loss_not_scalar(model):
+    snap = snapshot(model)
+    losses = dict(ENTRY.task_losses, cls=lambda p, b: F.cross_entropy(p, b["cls"], reduction="none"))
+    with pytest.raises(dfx.LossError, match=r"loss of task 'cls' on batch 0 is \(4,\), expected a scalar"):
+        call(model, losses)
+    assert_untouched(model, snap)
+
+
+def test_loss_nan_names_task_and_batch(model):
+    snap = snapshot(model)
+    calls = {"n": 0}
+
+    def flaky(p, b):
+        calls["n"] += 1
+        return p.sum() * (math.nan if calls["n"] == 2 else 1.0)
+
+    with pytest.raises(dfx.LossError, match=r"loss of task 'seg' on batch 1 is nan \(not finite\)"):
+        call(model, dict(ENTRY.task_losses, seg=flaky))
+    assert_untouched(model, snap)
+
+
+def test_loss_inf(model):
+    with pytest.raises(dfx.LossError, match=r"loss of task 'cls' on batch 0 is inf"):
+        call(model, dict(ENTRY.task_losses, cls=lambda p, b: p.sum() * math.inf))
+
+
+def test_task_with_zero_gradient(model):
+    snap = snapshot(model)
+    with pytest.raises(dfx.ZeroGradientError, match=r"gradient of task 'cls' is zero on every prunable parameter"):
+        call(model, dict(ENTRY.task_losses, cls=lambda p, b: (p * 0.0).sum()))
+    assert_untouched(model, snap)
+
+
+def test_loss_detached_from_prediction(model):
+    with pytest.raises(dfx.ZeroGradientError, match=r"loss of task 'seg' on batch 0 does not depend"):
+        call(model, dict(ENTRY.task_losses, seg=lambda p, b: torch.tensor(1.0)))
+
+
+def test_fewer_batches_than_requested(model):
+    snap = snapshot(model)
+    with pytest.raises(dfx.NotEnoughBatchesError, match=r"yielded 2 batches, fewer than config.num_batches=5.*allow_fewer_batches=True"):
+        call(model, num_batches=5)
+    assert_untouched(model, snap)
+    result = call(model, num_batches=5, allow_fewer_batches=True)
+    assert result.plan.batches == 2
+
+
+def test_no_batches_at_all(model):
+    with pytest.raises(dfx.NotEnoughBatchesError, match="yielded no batch"):
+        call(model, data=[], allow_fewer_batches=True)
+
+
+def test_no_prunable_parameter():
+    class NormOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = nn.LayerNorm(4)
+
+        def forward(self, x):
+            h = self.ln(x)
+            return {"a": h, "b": h * 2}
+
+    with pytest.raises(dfx.NoPrunableParametersError, match="no prunable parameter.*filter_fn"):
+        dfx.compress(NormOnly(), {"a": lambda p, b: p.sum(), "b": lambda p, b: p.sum()}, [torch.randn(2, 4)])
+
+
+def test_filter_fn_accepting_nothing(model):
+    with pytest.raises(dfx.NoPrunableParametersError, match="filter_fn accepted none"):
+        call(model, filter_fn=lambda name, p: False)
+
+
+def test_inputs_rejected_by_model(model):
+    snap = snapshot(model)
+    with pytest.raises(dfx.InputError) as info:
+        call(model, inputs=lambda b: b["input"][:, :2])  # 2 channels, the stem wants 3
+    msg = str(info.value)
+    assert "rejected inputs(batch) on batch 0" in msg and "Tensor(4, 2, 8, 8)" in msg
+    assert_untouched(model, snap)
+
+
+def test_default_inputs_on_dict_without_input_key(model):
+    data = [{"image": b["input"], "seg": b["seg"], "cls": b["cls"]} for b in ENTRY.batches(2)]
+    with pytest.raises(dfx.InputError, match=r"no 'input'; pass inputs=lambda batch"):
+        call(model, data=data)
+
+
+def test_untraceable_model_names_line_and_remedy():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                x = x * 2
+            return {"a": self.fc(x), "b": self.fc(x)}
+
+    with pytest.raises(dfx.TraceError) as info:
+        dfx.compress(DataDependent(), {"a": None, "b": None}, [])
+    msg = str(info.value)
+    assert "could not trace DataDependent" in msg
+    assert "test_errors.py" in msg and "if x.sum() > 0" in msg  # the failing source line
+    assert "leaf_modules" in msg and "concrete_args" in msg
+
+
+def test_output_is_not_tasks():
+    class Scalarish(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return {"a": self.fc(x), "b": 3}
+
+    with pytest.raises(dfx.TraceError, match=r"output for task 'b' is int"):
+        dfx.compress(Scalarish(), {"a": None, "b": None}, [])
+
+
+def test_bad_argument_types(model):
+    with pytest.raises(dfx.DisparseValueError, match="model must be a torch.nn.Module"):
+        dfx.compress("resnet", {}, [])
+    with pytest.raises(dfx.DisparseValueError, match="config must be a CompressConfig"):
+        dfx.compress(model, ENTRY.task_losses, [], config={"sparsity": 0.5})
+    with pytest.raises(dfx.DisparseValueError, match=r"task_losses\['seg'\] must be callable"):
+        call(model, dict(ENTRY.task_losses, seg="ce"))
+
+
+def test_all_errors_share_one_base():
+    for name in ("TraceError", "UnsupportedOpError", "TaskMismatchError", "LossError", "ZeroGradientError",
+                 "NotEnoughBatchesError", "NoPrunableParametersError", "InputError", "PostconditionError"):
+        assert issubclass(getattr(dfx, name), dfx.DisparseError), name
