@@ -1,0 +1,36 @@
+"""The command line: demo end to end, help, exit codes."""
+import subprocess
+import sys
+
+import pytest
+
+from disparse_fx.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "disparse_fx", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_demo_fast_mode(capsys):
+    assert main(["demo", "--batches", "1", "--sparsity", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "achieved sparsity 0.5" in out and "backbone" in out
+
+
+def test_help_and_usage_errors():
+    assert run_cli("--help").returncode == 0
+    assert "--sparsity" in run_cli("demo", "--help").stdout
+    bad = run_cli("demo", "--criterion", "l1")
+    assert bad.returncode == 2 and "invalid choice: 'l1'" in bad.stderr
+
+
+def test_failure_is_one_line_exit_1():
+    res = run_cli("demo", "--sparsity", "1.5")
+    assert res.returncode == 1
+    assert res.stderr.strip() == "disparse-fx: error: CompressConfig.sparsity must be a number in [0, 1), got 1.5"
+
+
+@pytest.mark.parametrize("flag", ["--debug"])
+def test_debug_shows_traceback(flag):
+    res = run_cli(flag, "demo", "--sparsity", "1.5")
+    assert res.returncode == 1 and "Traceback" in res.stderr

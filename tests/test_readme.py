@@ -1,0 +1,18 @@
+"""The README's quickstart runs as written, and the README opens with the two commands."""
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_opens_with_demo_and_test_commands():
+    first_block = re.search(r"```bash\n(.*?)```", README.read_text(), re.S).group(1)
+    assert first_block.splitlines()[0].startswith("make demo")
+    assert first_block.splitlines()[1].startswith("make test")
+
+
+def test_quickstart_runs(capsys):
+    code = re.search(r"## Quickstart\s+```python\n(.*?)```", README.read_text(), re.S).group(1)
+    exec(compile(code, str(README), "exec"), {"__name__": "readme"})
+    out = capsys.readouterr().out
+    assert "shared(seg,cls)" in out and "weight_mask" in out
