@@ -1,0 +1,781 @@
+"""Channel groups: which channels of a network must be removed together.
+
+:func:`find_channel_groups` runs the model once on example inputs (shape propagation)
+and gives every slice of every channel dimension an integer *atom*. The per-op rules of
+:mod:`passes.rules` then say which atoms are the same channel (a residual add unifies
+its operands' channels; a conv's input channels are the same as its weight's dim 1; a
+concat maps offsets; a channel shuffle permutes), which atoms can never go (channels
+that reach a graph input or a task output, channels mixed by a LayerNorm or a softmax),
+and where a tensor is summed over its channels (convs, linears: the places where the
+channel-mask pass puts its masks). Every consumer of every tensor is followed, so all
+heads of a multitask model take part.
+
+The result is frozen data; the GraphModule is never modified (its modules run once in
+eval mode under ``torch.no_grad`` and get their training flags back).
+
+>>> import torch, torch.nn as nn
+>>> class Net(nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.conv1, self.bn1 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+...         self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+...         self.head_a, self.head_b = nn.Conv2d(4, 2, 1), nn.Conv2d(4, 1, 1)
+...     def forward(self, x):
+...         h = self.bn1(self.conv1(x)).relu()
+...         h = h + self.conv2(h)          # residual: conv1 and conv2 channels coupled
+...         return {"a": self.head_a(h), "b": self.head_b(h)}
+>>> gm = torch.fx.symbolic_trace(Net())
+>>> groups = find_channel_groups(gm, (torch.randn(1, 3, 12, 12),))
+>>> g = groups.groups[0]
+>>> g.size, g.removable, sorted({(m.param_name, m.dim) for m in g.members})[:4]
+(4, True, [('bn1.bias', 0), ('bn1.running_mean', 0), ('bn1.running_var', 0), ('bn1.weight', 0)])
+>>> [(x.size, x.removable, x.reason) for x in groups.groups[1:]]  # doctest: +NORMALIZE_WHITESPACE
+[(3, False, "node 'conv1' (call_module conv1 (Conv2d)) reads channels that are fixed
+                (a graph input or a tensor made in forward)"),
+ (2, False, "reaches task output 'a'"),
+ (1, False, "reaches task output 'b'")]
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import DisparseValueError, UnsupportedOpError
+from .rules import ChannelRule, Labels, describe, lookup_channel_rule
+from .rules._types import Const, LazyDim, TensorInfo
+
+__all__ = [
+    "GroupMember",
+    "ChannelGroup",
+    "Contraction",
+    "ChannelGroups",
+    "RuleContext",
+    "find_channel_groups",
+]
+
+log = logging.getLogger(__name__)
+
+_MISSING = object()
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass(frozen=True, eq=False)
+class GroupMember:
+    """Parameter (or buffer) ``param_name`` is sliced along ``dim`` by the group.
+
+    ``index[i]`` is the group channel that slice ``i`` belongs to, or -1 when slice
+    ``i`` belongs to another group (a concat feeding a conv). Several slices may map to
+    one channel (a depthwise multiplier, a Linear after a flatten: each channel owns a
+    block of input features). ``is_buffer``: a buffer such as BatchNorm running stats.
+    """
+
+    param_name: str
+    dim: int
+    index: torch.Tensor
+    is_buffer: bool = False
+
+    def __repr__(self) -> str:
+        n = int((self.index >= 0).sum())
+        return f"GroupMember({self.param_name!r}, dim={self.dim}, {n}/{self.index.numel()} slices)"
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelGroup:
+    """Channels removed together: removing channel ``c`` of the group removes, from every
+    member, the slices whose ``index`` is ``c``.
+
+    ``removable`` is False when the channels reach a graph input or a task output, are
+    mixed by an op that is not zero-neutral (LayerNorm over channels, softmax, mean), or
+    belong to a parameter the ``prunable`` predicate excludes; ``reason`` says which.
+    Any subset of a removable group's channels may be removed (grouped convs, group norms
+    and channel shuffles are handled by coupling, so no divisibility constraint remains:
+    ``round_multiple`` is 1), but at least one channel must stay, and at least one of
+    each ``keep_one_of`` index set (a split piece that must not become empty).
+    ``nodes`` are the fx nodes whose outputs carry the group's channels.
+    """
+
+    id: int
+    size: int
+    members: Tuple[GroupMember, ...]
+    removable: bool
+    reason: str = ""
+    round_multiple: int = 1
+    nodes: Tuple[str, ...] = ()
+    keep_one_of: Tuple[torch.Tensor, ...] = ()
+
+    @property
+    def params(self) -> Tuple[str, ...]:
+        """Names of the members (parameters and buffers), in order, without repeats."""
+        return tuple(dict.fromkeys(m.param_name for m in self.members))
+
+    def __repr__(self) -> str:
+        state = "removable" if self.removable else f"fixed: {self.reason}"
+        return f"ChannelGroup(id={self.id}, size={self.size}, {len(self.members)} members, {state})"
+
+
+@dataclass(frozen=True, eq=False)
+class Contraction:
+    """Node ``consumer`` sums its argument ``arg`` over ``dim`` (a conv's input channels);
+    ``weight`` = ``(param_name, dim)`` whose slices read those channels, if any."""
+
+    consumer: str
+    arg: str
+    dim: int
+    weight: Optional[Tuple[str, int]] = None
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelGroups:
+    """The channel groups of a GraphModule, plus what the mask and slim passes need.
+
+    Group channel ``c`` of group ``g`` has the *global channel id*
+    ``offsets[g] + c``; ``node_channels[node]`` gives, for every tensor a node outputs,
+    ``{dim: LongTensor of global channel ids}`` (a tuple of those for tuple outputs).
+    """
+
+    groups: Tuple[ChannelGroup, ...]
+    offsets: Tuple[int, ...]
+    node_channels: Mapping[str, Any]
+    node_shapes: Mapping[str, Any]
+    size_dependent: Mapping[str, Any]
+    contractions: Tuple[Contraction, ...]
+    nonempty: Tuple[torch.Tensor, ...]
+    input_specs: Tuple[Any, ...]
+    param_shapes: Mapping[str, Tuple[int, ...]]
+    buffers: FrozenSet[str] = frozenset()
+
+    # ---------------------------------------------------------------- conveniences
+    @property
+    def num_channels(self) -> int:
+        return self.offsets[-1] + self.groups[-1].size if self.groups else 0
+
+    def removable_groups(self) -> Tuple[ChannelGroup, ...]:
+        return tuple(g for g in self.groups if g.removable)
+
+    def members_of(self, param_name: str) -> Tuple[Tuple[ChannelGroup, GroupMember], ...]:
+        """Every (group, member) that slices ``param_name``."""
+        return tuple((g, m) for g in self.groups for m in g.members if m.param_name == param_name)
+
+    def keep_vector(self, keep: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """The keep flags of every global channel, after checking ``keep``.
+
+        ``keep[group_id]`` is a bool tensor of the group's size (True = kept); groups not
+        in ``keep`` keep everything. Raises :class:`DisparseValueError` for an unknown
+        group, a wrong shape, removal in a fixed group, an emptied group, or an emptied
+        ``keep_one_of`` / split piece.
+        """
+        flat = torch.ones(self.num_channels, dtype=torch.bool)
+        for gid, k in keep.items():
+            if not isinstance(gid, int) or not 0 <= gid < len(self.groups):
+                raise DisparseValueError(
+                    f"keep has an unknown group id {gid!r}; expected ints in [0, {len(self.groups)})")
+            g = self.groups[gid]
+            k = torch.as_tensor(k).detach().to("cpu")
+            if k.dtype != torch.bool or k.shape != (g.size,):
+                raise DisparseValueError(
+                    f"keep[{gid}] must be a bool tensor of shape ({g.size},), but got "
+                    f"{k.dtype} {tuple(k.shape)}")
+            if not bool(k.all()):
+                if not g.removable:
+                    raise DisparseValueError(
+                        f"keep[{gid}] removes channels of group {gid}, which is not removable ({g.reason})")
+                if not bool(k.any()):
+                    raise DisparseValueError(
+                        f"keep[{gid}] removes every channel of group {gid}; keep at least one")
+                for s in g.keep_one_of:
+                    if not bool(k[s].any()):
+                        raise DisparseValueError(
+                            f"keep[{gid}] removes all of channels {s.tolist()} of group {gid}, which "
+                            f"form one split piece (nodes {', '.join(g.nodes[:3])}...); keep at least one")
+            o = self.offsets[gid]
+            flat[o:o + g.size] = k
+        for s in self.nonempty:
+            if not bool(flat[s].any()):
+                raise DisparseValueError(
+                    f"keep removes every channel of a tensor (global channels {s.tolist()[:8]}...); "
+                    f"keep at least one of them")
+        return flat
+
+    def element_masks(self, keep: Mapping[int, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Element-shaped keep masks (whole channels) of every member parameter/buffer."""
+        flat = self.keep_vector(keep)
+        out: Dict[str, torch.Tensor] = {}
+        for name, shape in self.param_shapes.items():
+            mask = torch.ones(shape, dtype=torch.bool)
+            for dim, idx in self.slice_channels(name).items():
+                kept = flat[idx]
+                view = [1] * len(shape)
+                view[dim] = shape[dim]
+                mask &= kept.view(view)
+            out[name] = mask
+        return out
+
+    def slice_channels(self, param_name: str) -> Dict[int, torch.Tensor]:
+        """``{dim: global channel id of each slice}`` for a member parameter/buffer."""
+        out: Dict[int, torch.Tensor] = {}
+        for g, m in self.members_of(param_name):
+            cur = out.setdefault(m.dim, torch.full((m.index.numel(),), -1, dtype=torch.long))
+            sel = m.index >= 0
+            cur[sel] = m.index[sel] + self.offsets[g.id]
+        return out
+
+    def params_after(self, keep: Mapping[int, torch.Tensor]) -> Dict[str, int]:
+        """Number of elements of each member parameter/buffer after slimming with ``keep``."""
+        flat = self.keep_vector(keep)
+        out = {}
+        for name, shape in self.param_shapes.items():
+            sizes = list(shape)
+            for dim, idx in self.slice_channels(name).items():
+                sizes[dim] = int(flat[idx].sum())
+            out[name] = math.prod(sizes)
+        return out
+
+
+# ----------------------------------------------------------------------------- engine
+class _UnionFind:
+    __slots__ = ("parent",)
+
+    def __init__(self):
+        self.parent: List[int] = []
+
+    def add(self, n: int) -> int:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return start
+
+    def find(self, a: int) -> int:
+        p = self.parent
+        while p[a] != a:
+            p[a] = p[p[a]]
+            a = p[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            if ra < rb:
+                self.parent[rb] = ra
+            else:
+                self.parent[ra] = rb
+
+
+class RuleContext:
+    """What a channel rule sees (see :mod:`passes.rules` for the table of methods)."""
+
+    def __init__(self, engine: "_Analysis", node: fx.Node, args: tuple, kwargs: dict,
+                 cargs: tuple, ckwargs: dict, out: Any):
+        self._e = engine
+        self.node = node
+        self.gm = engine.module
+        self._args, self._kwargs = args, kwargs
+        self._cargs, self._ckwargs = cargs, ckwargs
+        self.out = out
+
+    # -- reading
+    @property
+    def module(self) -> nn.Module:
+        return self.gm.get_submodule(self.node.target)
+
+    def describe(self) -> str:
+        return describe(self.node, self.gm)
+
+    def _get(self, seq, kw, pos, name, default):
+        if pos is not None and pos < len(seq):
+            return seq[pos]
+        if name is not None and name in kw:
+            return kw[name]
+        if default is _MISSING:
+            raise UnsupportedOpError(
+                f"{self.describe()}: expected argument {name or pos}, which is missing")
+        return default
+
+    def arg(self, pos: Optional[int], name: Optional[str] = None, default: Any = _MISSING) -> Any:
+        """Argument as seen by the analysis: TensorInfo / Const / python value."""
+        return self._get(self._args, self._kwargs, pos, name, default)
+
+    def value(self, pos: Optional[int], name: Optional[str] = None, default: Any = _MISSING) -> Any:
+        """The concrete argument value on the example inputs."""
+        return self._get(self._cargs, self._ckwargs, pos, name, default)
+
+    def tensors(self) -> List[TensorInfo]:
+        """Every TensorInfo among the (flattened) arguments, in order."""
+        out: List[TensorInfo] = []
+        fx.node.map_aggregate((self._args, self._kwargs),
+                              lambda a: out.append(a) if isinstance(a, TensorInfo) else None)
+        return out
+
+    @property
+    def out_shape(self) -> Tuple[int, ...]:
+        return tuple(self.out.shape)
+
+    # -- atoms
+    def labels(self, x: Any, dim: int) -> Optional[torch.Tensor]:
+        """Atoms of ``x`` along ``dim`` (materialising parameter atoms), or None."""
+        if not isinstance(x, TensorInfo):
+            return None
+        d = x.dim(dim)
+        lab = x.labels.get(d)
+        if lab is not None:
+            return lab
+        lz = x.lazy.get(d)
+        if lz is not None:
+            lab = self._e.materialize(lz)
+            x.labels[d] = lab
+            return lab
+        return None
+
+    def has_channels(self, x: Any, dim: int) -> bool:
+        """Whether ``x`` carries (possibly lazy) channels along ``dim``."""
+        if not isinstance(x, TensorInfo):
+            return False
+        d = x.dim(dim)
+        return d in x.labels or d in x.lazy
+
+    def param(self, name: str, dim: int, *, link: bool = False) -> torch.Tensor:
+        """Atoms of parameter/buffer ``name`` along ``dim`` (relative to the called module
+        for ``call_module`` nodes). ``link``: these atoms define a channel vector of their
+        own (a conv's output channels) rather than follow others."""
+        if self.node.op == "call_module" and not name.startswith(self.node.target + "."):
+            name = f"{self.node.target}.{name}"
+        return self._e.param(name, dim, link=link)
+
+    def has_param(self, name: str) -> bool:
+        if self.node.op == "call_module":
+            name = f"{self.node.target}.{name}"
+        return self._e.tensor_of(name) is not None
+
+    def fresh(self, n: int, *, link: bool = True) -> torch.Tensor:
+        return self._e.fresh(n, link=link)
+
+    def unify(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        if a.numel() != b.numel():
+            raise RuntimeError(
+                f"channel rule for {self.describe()} unified {a.numel()} with {b.numel()} slices")
+        self._e.unify(a, b)
+
+    def join(self, *labels: Optional[torch.Tensor], reason: Optional[str] = None) -> Optional[torch.Tensor]:
+        """Unify every given atom vector; if some are None (fixed channels) pin the rest."""
+        present = [l for l in labels if l is not None]
+        if not present:
+            return None
+        for l in present[1:]:
+            self.unify(present[0], l)
+        if len(present) < len(labels):
+            self.pin(present[0], reason or f"combined by {self.describe()} with channels that are fixed "
+                                            f"(a graph input or a constant)")
+        return present[0]
+
+    def pin(self, labels: Optional[torch.Tensor], reason: str) -> None:
+        if labels is not None and labels.numel():
+            self._e.pins.append((labels, reason))
+
+    def mix(self, x: Any, dim: int, what: Optional[str] = None) -> None:
+        lab = self.labels(x, dim)
+        if lab is not None:
+            self.pin(lab, f"{what or 'mixed'} along dim {x.dim(dim)} by {self.describe()}")
+
+    def contract(self, x: Any, dim: int, weight: Optional[Tuple[str, int]] = None) -> None:
+        """This op sums ``x`` over ``dim``: removed channels must be zero when it reads them."""
+        if not isinstance(x, TensorInfo) or self.labels(x, dim) is None:
+            return
+        src = None
+        for n in self.node.all_input_nodes:
+            if self._e.infos.get(n) is x:
+                src = n
+                break
+        if src is None:
+            return
+        self._e.contractions.append((self.node.name, src.name, x.dim(dim), weight))
+
+    def resolve(self, labels: torch.Tensor) -> torch.Tensor:
+        find = self._e.uf.find
+        return torch.tensor([find(a) for a in labels.tolist()], dtype=torch.long)
+
+    def same_as(self, x: TensorInfo) -> Labels:
+        return Labels(dict(x.labels), lazy=dict(x.lazy))
+
+    def const(self, *sources: Any) -> Const:
+        """A non-tensor result whose channel dependence is the union of ``sources``'."""
+        deps = [s.deps for s in sources if isinstance(s, Const) and s.deps is not None]
+        return Const(None, torch.cat(deps) if deps else None)
+
+    def weight_name(self, w: Any, dim: int) -> Optional[Tuple[str, int]]:
+        """``(param_name, dim)`` when ``w`` is exactly one parameter read by get_attr."""
+        if isinstance(w, TensorInfo):
+            lz = w.lazy.get(w.dim(dim))
+            if lz is not None and len(lz.params) == 1 and not lz.parts:
+                return lz.params[0]
+        return None
+
+
+class _Analysis(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm, garbage_collect_values=True)
+        self.uf = _UnionFind()
+        self.sources: List[List[Any]] = []  # [start, n, link]
+        self.member_src: Dict[Tuple[str, int], int] = {}
+        self.members: Dict[Tuple[str, int], torch.Tensor] = {}
+        self.pins: List[Tuple[torch.Tensor, str]] = []
+        self.contractions: List[Tuple[str, str, int, Optional[Tuple[str, int]]]] = []
+        self.infos: Dict[fx.Node, Any] = {}
+        self.input_specs: List[Any] = []
+        # canonical names of parameters and buffers (tied weights share one name)
+        self.tensors: Dict[str, torch.Tensor] = {}
+        self.alias: Dict[str, str] = {}
+        self.buffer_names: set = set()
+        first: Dict[int, str] = {}
+        for kind, items in (("p", gm.named_parameters(remove_duplicate=False)),
+                            ("b", gm.named_buffers(remove_duplicate=False))):
+            for name, t in items:
+                canon = first.setdefault(id(t), name)
+                self.alias[name] = canon
+                if canon == name:
+                    self.tensors[name] = t
+                    if kind == "b":
+                        self.buffer_names.add(name)
+
+    # -- atoms
+    def fresh(self, n: int, *, link: bool = True) -> torch.Tensor:
+        start = self.uf.add(n)
+        self.sources.append([start, n, link])
+        return torch.arange(start, start + n, dtype=torch.long)
+
+    def unify(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        union = self.uf.union
+        for x, y in zip(a.tolist(), b.tolist()):
+            if x != y:
+                union(x, y)
+
+    def tensor_of(self, name: str) -> Optional[torch.Tensor]:
+        return self.tensors.get(self.alias.get(name, name))
+
+    def param(self, name: str, dim: int, *, link: bool = False) -> torch.Tensor:
+        canon = self.alias.get(name, name)
+        t = self.tensors.get(canon)
+        if t is None:
+            raise UnsupportedOpError(f"channel rule asked for '{name}', which is not a parameter or buffer")
+        dim = dim % t.dim()
+        key = (canon, dim)
+        lab = self.members.get(key)
+        if lab is None:
+            lab = self.fresh(t.shape[dim], link=link)
+            self.members[key] = lab
+            self.member_src[key] = len(self.sources) - 1
+        elif link:
+            self.sources[self.member_src[key]][2] = True
+        return lab
+
+    def materialize(self, lz: LazyDim) -> torch.Tensor:
+        if lz.labels is None:
+            labs = [self.param(n, d) for n, d in lz.params] + [self.materialize(p) for p in lz.parts]
+            for other in labs[1:]:
+                self.unify(labs[0], other)
+            lz.labels = labs[0]
+            for info, d in lz.carriers:
+                info.labels.setdefault(d, lz.labels)
+        return lz.labels
+
+    # -- interpretation
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        try:
+            self.infos[n] = self._analyse(n, result)
+        except UnsupportedOpError:
+            raise
+        except Exception as exc:  # a rule crashed: say where
+            raise UnsupportedOpError(
+                f"channel rule failed on {describe(n, self.module)}: {type(exc).__name__}: {exc}") from exc
+        return result
+
+    def _analyse(self, n: fx.Node, result: Any) -> Any:
+        if n.op == "placeholder":
+            if isinstance(result, torch.Tensor):
+                self.input_specs.append(("tensor", tuple(result.shape), result.dtype))
+            else:
+                self.input_specs.append(("value", result))
+            return self._wrap(n, result, None)
+        if n.op == "get_attr":
+            if isinstance(result, torch.Tensor):
+                info = TensorInfo(tuple(result.shape), result.dtype, n.name)
+                canon = self.alias.get(n.target, n.target)
+                if canon in self.tensors:
+                    for d in range(result.dim()):
+                        lz = LazyDim(params=((canon, d),))
+                        lz.carriers.append((info, d))
+                        info.lazy[d] = lz
+                return info
+            return Const(result)
+        env_info = lambda a: self.infos[a]  # noqa: E731
+        args = fx.node.map_arg(n.args, env_info)
+        kwargs = fx.node.map_arg(n.kwargs, env_info)
+        if n.op == "output":
+            self._pin_outputs(n, args[0] if args else None)
+            return None
+        rule = lookup_channel_rule(n, self.module)
+        cargs, ckwargs = self.fetch_args_kwargs_from_env(n)
+        ctx = RuleContext(self, n, args, kwargs, cargs, ckwargs, result)
+        out = rule.propagate(ctx)
+        if not rule.handles_sizes:
+            self._pin_size_args(ctx, args, kwargs)
+        return self._wrap(n, result, out)
+
+    def _pin_size_args(self, ctx: RuleContext, args, kwargs) -> None:
+        def visit(a):
+            if isinstance(a, Const):
+                if a.deps is not None:
+                    self.pins.append((a.deps, f"a channel count is used by {ctx.describe()}, "
+                                              f"which cannot adapt it"))
+            return a
+        fx.node.map_aggregate((args, kwargs), visit)
+
+    def _wrap(self, n: fx.Node, result: Any, out: Any) -> Any:
+        if isinstance(result, torch.Tensor):
+            info = TensorInfo(tuple(result.shape), result.dtype, n.name)
+            if isinstance(out, TensorInfo):
+                info.labels.update(out.labels)
+                lazy = out.lazy
+            elif isinstance(out, Mapping):
+                for d, lab in out.items():
+                    d = info.dim(d)
+                    lab = torch.as_tensor(lab, dtype=torch.long).reshape(-1)
+                    if lab.numel() != info.shape[d]:
+                        raise RuntimeError(
+                            f"rule returned {lab.numel()} atoms for dim {d} of size {info.shape[d]}")
+                    info.labels[d] = lab
+                lazy = getattr(out, "lazy", {})
+            else:
+                lazy = {}
+            for d, lz in lazy.items():
+                d = info.dim(d)
+                if d in info.labels:
+                    continue
+                if lz.labels is not None:
+                    info.labels[d] = lz.labels
+                else:
+                    info.lazy[d] = lz
+                    lz.carriers.append((info, d))
+            return info
+        if isinstance(result, (tuple, list)) and not isinstance(result, torch.Size):
+            outs = out if isinstance(out, (tuple, list)) else (None,) * len(result)
+            return tuple(self._wrap(n, r, o) for r, o in zip(result, outs))
+        if isinstance(result, dict):
+            outs = out if isinstance(out, Mapping) else {}
+            return {k: self._wrap(n, v, outs.get(k)) for k, v in result.items()}
+        if isinstance(out, Const):
+            return Const(result, out.deps, out.items)
+        return Const(result)
+
+    def _pin_outputs(self, n: fx.Node, structure: Any) -> None:
+        def visit(info, path):
+            if isinstance(info, TensorInfo):
+                for d in range(info.ndim):
+                    lab = info.labels.get(d)
+                    if lab is None and d in info.lazy:
+                        lab = self.materialize(info.lazy[d])
+                    if lab is not None:
+                        self.pins.append((lab, f"reaches task output {path}"))
+            elif isinstance(info, Const):
+                if info.deps is not None:
+                    self.pins.append((info.deps, f"a channel count reaches output {path}"))
+            elif isinstance(info, (tuple, list)):
+                for i, v in enumerate(info):
+                    visit(v, f"{path}[{i}]" if path else repr(i))
+            elif isinstance(info, Mapping):
+                for k, v in info.items():
+                    visit(v, repr(k))
+
+        if isinstance(structure, TensorInfo):
+            visit(structure, "0")
+        else:
+            visit(structure, "")
+
+    # -- result
+    def result(self, prunable: Optional[Callable[[str, nn.Parameter], bool]]) -> ChannelGroups:
+        n_atoms = len(self.uf.parent)
+        find = self.uf.find
+        root = torch.tensor([find(a) for a in range(n_atoms)], dtype=torch.long)
+        # channels of one vector (a conv's outputs ...) form one group: link the roots
+        comp = _UnionFind()
+        comp.add(n_atoms)
+        linked = torch.zeros(n_atoms, dtype=torch.bool)
+        for start, cnt, link in self.sources:
+            if link and cnt:
+                rs = root[start:start + cnt].unique().tolist()
+                linked[rs] = True
+                for r in rs[1:]:
+                    comp.union(rs[0], r)
+        for start, cnt, link in self.sources:
+            if not link and cnt:
+                rs = root[start:start + cnt].unique()
+                rs = rs[~linked[rs]].tolist()
+                for r in rs[1:]:
+                    comp.union(rs[0], r)
+        roots = root.unique()  # sorted; a root is its class's smallest atom
+        comp_of = {r: comp.find(r) for r in roots.tolist()}
+        by_comp: Dict[int, List[int]] = {}
+        for r in roots.tolist():  # ascending: channels in creation order
+            by_comp.setdefault(comp_of[r], []).append(r)
+        order = sorted(by_comp.values(), key=lambda rs: rs[0])
+        gid_of_root = torch.full((n_atoms,), -1, dtype=torch.long)
+        group_of_gid: List[int] = []
+        offsets: List[int] = []
+        for g, rs in enumerate(order):
+            offsets.append(len(group_of_gid))
+            gid_of_root[torch.tensor(rs, dtype=torch.long)] = torch.arange(
+                len(group_of_gid), len(group_of_gid) + len(rs))
+            group_of_gid.extend([g] * len(rs))
+        gid_of_atom = gid_of_root[root]
+        group_t = torch.tensor(group_of_gid, dtype=torch.long)
+        num_groups = len(order)
+
+        def gids(lab: torch.Tensor) -> torch.Tensor:
+            return gid_of_atom[lab]
+
+        # members
+        members: List[List[GroupMember]] = [[] for _ in range(num_groups)]
+        for (name, dim), lab in self.members.items():
+            gl = gids(lab)
+            for g in group_t[gl].unique().tolist():
+                sel = group_t[gl] == g
+                index = torch.where(sel, gl - offsets[g], torch.full_like(gl, -1))
+                members[g].append(GroupMember(name, dim, index, name in self.buffer_names))
+        # removability
+        reasons: Dict[int, str] = {}
+        for lab, why in self.pins:
+            for g in group_t[gids(lab)].unique().tolist():
+                reasons.setdefault(g, why)
+        if prunable is not None:
+            for g in range(num_groups):
+                if g in reasons:
+                    continue
+                for m in members[g]:
+                    if m.is_buffer:
+                        continue
+                    t = self.tensors[m.param_name]
+                    if not prunable(m.param_name, t):
+                        reasons[g] = f"parameter '{m.param_name}' is not prunable"
+                        break
+        # nodes, channel maps, non-empty constraints
+        node_channels: Dict[str, Any] = {}
+        node_shapes: Dict[str, Any] = {}
+        size_dependent: Dict[str, Any] = {}
+        group_nodes: List[List[str]] = [[] for _ in range(num_groups)]
+        pieces: Dict[Tuple[int, ...], None] = {}
+
+        def convert(info, name):
+            if isinstance(info, TensorInfo):
+                ch = {}
+                for d, lab in sorted(info.labels.items()):
+                    gl = gids(lab)
+                    ch[d] = gl
+                    u = gl.unique()
+                    for g in group_t[u].unique().tolist():
+                        if not group_nodes[g] or group_nodes[g][-1] != name:
+                            group_nodes[g].append(name)
+                    pieces.setdefault(tuple(u.tolist()), None)
+                return ch, info.shape
+            if isinstance(info, Const):
+                if info.deps is not None:
+                    size_dependent[name] = info.value
+                return None, info.value if isinstance(info.value, (int, float, tuple, list, torch.Size)) else None
+            if isinstance(info, (tuple, list)):
+                pairs = [convert(v, name) for v in info]
+                return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+            if isinstance(info, Mapping):
+                pairs = {k: convert(v, name) for k, v in info.items()}
+                return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+            return None, None
+
+        for node, info in self.infos.items():
+            ch, shp = convert(info, node.name)
+            node_channels[node.name] = ch
+            node_shapes[node.name] = shp
+
+        sizes = [len(rs) for rs in order]
+        keep_one_of: List[List[torch.Tensor]] = [[] for _ in range(num_groups)]
+        nonempty: List[torch.Tensor] = []
+        for key in pieces:
+            u = torch.tensor(key, dtype=torch.long)
+            gs = group_t[u]
+            full = False
+            for g in gs.unique().tolist():
+                if int((gs == g).sum()) == sizes[g]:
+                    full = True
+                    break
+            if full:
+                continue
+            if bool((gs == gs[0]).all()):
+                keep_one_of[int(gs[0])].append(u - offsets[int(gs[0])])
+            else:
+                nonempty.append(u)
+
+        groups = []
+        for g in range(num_groups):
+            groups.append(ChannelGroup(
+                id=g, size=sizes[g], members=tuple(members[g]), removable=g not in reasons,
+                reason=reasons.get(g, ""), round_multiple=1, nodes=tuple(group_nodes[g]),
+                keep_one_of=tuple(keep_one_of[g])))
+        contractions = []
+        seen = set()
+        for c in self.contractions:
+            if c not in seen:
+                seen.add(c)
+                contractions.append(Contraction(*c))
+        param_shapes = {}
+        for (name, _dim) in self.members:
+            param_shapes[name] = tuple(self.tensors[name].shape)
+        return ChannelGroups(
+            groups=tuple(groups),
+            offsets=tuple(offsets),
+            node_channels=MappingProxyType(node_channels),
+            node_shapes=MappingProxyType(node_shapes),
+            size_dependent=MappingProxyType(size_dependent),
+            contractions=tuple(contractions),
+            nonempty=tuple(nonempty),
+            input_specs=tuple(self.input_specs),
+            param_shapes=MappingProxyType(param_shapes),
+            buffers=frozenset(n for n in param_shapes if n in self.buffer_names),
+        )
+
+
+def find_channel_groups(
+    gm: fx.GraphModule,
+    example_inputs: Any,
+    *,
+    prunable: Optional[Callable[[str, nn.Parameter], bool]] = None,
+) -> ChannelGroups:
+    """Find the channel groups of ``gm`` (see the module docstring).
+
+    Args:
+        gm: the traced model; never modified.
+        example_inputs: a tuple of positional inputs (a single tensor is accepted too),
+            on the model's device. Small inputs suffice: only shapes matter.
+        prunable: ``prunable(name, param) -> bool``; a group that slices a parameter for
+            which it returns False is not removable. Default: every parameter.
+
+    Raises :class:`UnsupportedOpError` for an op without a channel rule.
+    """
+    if not isinstance(gm, fx.GraphModule):
+        raise DisparseValueError(f"find_channel_groups expects an fx.GraphModule, got {type(gm).__name__}")
+    if not isinstance(example_inputs, tuple):
+        example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
+    analysis = _Analysis(gm)
+    modes = [(m, m.training) for m in gm.modules()]
+    try:
+        gm.eval()
+        with torch.no_grad():
+            analysis.run(*example_inputs)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    result = analysis.result(prunable)
+    log.debug("found %d channel groups (%d removable) in %s", len(result.groups),
+              len(result.removable_groups()), type(gm).__name__)
+    return result

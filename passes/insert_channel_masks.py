@@ -1,0 +1,181 @@
+"""Channel masks: per-channel multiply nodes that make a model compute its slim version.
+
+Removing a channel changes nothing for the channels that stay, except where an op sums
+over channels (a conv's or linear's input, a sum over the channel dim): there the
+removed channels must contribute nothing. So the masks sit right in front of those
+consumers (each one gets ``channel_mask(x, mask)`` = ``x * mask``, the mask broadcast
+along the channel dim), and not after the producing conv: a bias, a BatchNorm shift or
+an activation would turn zeros back into values before the next conv reads them. Ops
+that mix channels in any other way (LayerNorm over channels, softmax, mean over
+channels) have their channels pinned by the analysis, so no mask is needed there.
+In eval mode the masked model computes, for every task output, exactly what
+:func:`passes.slim.slim_channels` computes.
+
+Mask buffers live in the submodule ``channel_masks``, named after the masked node and
+dim (``channel_masks.relu_dim1``), so the model deep-copies, saves and trains like any
+module. A mask is inserted only where some channel is removed.
+
+>>> import torch, torch.nn as nn
+>>> from passes.channel_groups import find_channel_groups
+>>> class Net(nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)
+...     def forward(self, x):
+...         return {"y": self.head(self.bn(self.conv(x)).relu())}
+>>> gm = torch.fx.symbolic_trace(Net())
+>>> groups = find_channel_groups(gm, (torch.randn(1, 3, 8, 8),))
+>>> print(gm.code.strip())  # before
+def forward(self, x):
+    conv = self.conv(x);  x = None
+    bn = self.bn(conv);  conv = None
+    relu = bn.relu();  bn = None
+    head = self.head(relu);  relu = None
+    return {'y': head}
+>>> masked = insert_channel_masks(gm, groups, {0: torch.tensor([True, False, True, True])})
+>>> print(masked.code.strip())  # after
+def forward(self, x):
+    conv = self.conv(x);  x = None
+    bn = self.bn(conv);  conv = None
+    relu = bn.relu();  bn = None
+    channel_masks_relu_dim1 = self.channel_masks.relu_dim1
+    channel_mask = passes_insert_channel_masks_channel_mask(relu, channel_masks_relu_dim1);  relu = channel_masks_relu_dim1 = None
+    head = self.head(channel_mask);  channel_mask = None
+    return {'y': head}
+>>> masked.channel_masks.relu_dim1.flatten().tolist()
+[1.0, 0.0, 1.0, 1.0]
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .channel_groups import ChannelGroups
+from .errors import DisparseValueError
+
+__all__ = ["insert_channel_masks", "channel_mask", "is_channel_mask", "fold_channel_masks", "MASK_MODULE"]
+
+log = logging.getLogger(__name__)
+
+MASK_MODULE = "channel_masks"
+META_KEY = "disparse_channel_mask"
+
+
+def channel_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x * mask``: the target of every channel-mask node (kept as one call when retraced)."""
+    return x * mask
+
+
+torch.fx.wrap("channel_mask")
+
+
+def is_channel_mask(node: fx.Node) -> bool:
+    """Whether ``node`` is a channel-mask multiply inserted by :func:`insert_channel_masks`."""
+    return node.op == "call_function" and node.target is channel_mask
+
+
+def insert_channel_masks(gm: fx.GraphModule, groups: ChannelGroups,
+                         keep: Mapping[int, torch.Tensor]) -> fx.GraphModule:
+    """A new GraphModule computing ``gm`` with the channels ``keep`` removes zeroed where read.
+
+    Args:
+        gm: the GraphModule ``groups`` was found on (it may already hold channel masks:
+            they are replaced). Never modified; the result owns deep copies of its modules.
+        groups: :func:`passes.channel_groups.find_channel_groups` of ``gm``.
+        keep: ``{group_id: bool tensor of the group's size}`` (True = kept); groups left out
+            keep every channel. Checked by :meth:`ChannelGroups.keep_vector`.
+    """
+    flat = groups.keep_vector(keep)
+    new = copy.deepcopy(gm)
+    fold_channel_masks(new)
+    add_channel_masks_(new, groups, flat)
+    return new
+
+
+def fold_channel_masks(gm: fx.GraphModule) -> int:
+    """Remove every channel-mask node of ``gm`` IN PLACE (a pass-internal helper); returns
+    how many were removed."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if is_channel_mask(node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            count += 1
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and str(node.target).startswith(MASK_MODULE + ".") and not node.users:
+            gm.graph.erase_node(node)
+    if hasattr(gm, MASK_MODULE):
+        delattr(gm, MASK_MODULE)
+    if count:
+        gm.recompile()
+    return count
+
+
+def mask_plan(groups: ChannelGroups, flat: torch.Tensor) -> Dict[Tuple[str, int], torch.Tensor]:
+    """``{(node name, dim): keep flags of its slices}`` for every masked (node, dim)."""
+    plan: Dict[Tuple[str, int], torch.Tensor] = {}
+    for c in groups.contractions:
+        ch = groups.node_channels.get(c.arg)
+        if not isinstance(ch, Mapping):
+            continue
+        gids = ch.get(c.dim)
+        if gids is None:
+            continue
+        kept = flat[gids]
+        if bool(kept.all()):
+            continue
+        plan[(c.arg, c.dim)] = kept
+    return plan
+
+
+def add_channel_masks_(gm: fx.GraphModule, groups: ChannelGroups, flat: torch.Tensor) -> int:
+    """Insert mask nodes into ``gm`` IN PLACE (``gm`` must hold no masks); returns their count."""
+    plan = mask_plan(groups, flat)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    ref = next((t for t in list(gm.parameters()) + list(gm.buffers()) if t.is_floating_point()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None else torch.float32
+    holder = nn.Module()
+    names: Dict[Tuple[str, int], str] = {}
+    for (arg, dim), kept in plan.items():
+        shape = groups.node_shapes[arg]
+        view = [1] * len(shape)
+        view[dim] = shape[dim]
+        name = f"{arg}_dim{dim}"
+        holder.register_buffer(name, kept.to(device=device, dtype=dtype).view(view))
+        names[(arg, dim)] = name
+    if not names:
+        return 0
+    gm.add_submodule(MASK_MODULE, holder)
+    count = 0
+    for c in groups.contractions:
+        key = (c.arg, c.dim)
+        if key not in names or c.consumer not in nodes or c.arg not in nodes:
+            continue
+        consumer, arg = nodes[c.consumer], nodes[c.arg]
+        if arg not in consumer.all_input_nodes:
+            continue  # already masked for another dim, or rewritten
+        with gm.graph.inserting_before(consumer):
+            attr = gm.graph.get_attr(f"{MASK_MODULE}.{names[key]}")
+            masked = gm.graph.call_function(channel_mask, (arg, attr))
+        masked.meta[META_KEY] = {"node": c.arg, "dim": c.dim}
+        consumer.replace_input_with(arg, masked)
+        count += 1
+    gm.graph.lint()
+    gm.recompile()
+    log.debug("inserted %d channel-mask nodes (%d mask buffers)", count, len(names))
+    return count
+
+
+def masked_view(gm: fx.GraphModule, groups: ChannelGroups, flat: torch.Tensor) -> fx.GraphModule:
+    """A masked GraphModule that SHARES ``gm``'s modules (for internal checks only)."""
+    graph = copy.deepcopy(gm.graph)
+    view = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    fold_channel_masks(view)
+    add_channel_masks_(view, groups, flat)
+    return view

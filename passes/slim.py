@@ -1,0 +1,420 @@
+"""Slimming: rebuild a GraphModule with the removed channels physically gone.
+
+:func:`slim_channels` slices every member parameter and buffer of the channel groups
+(conv weights on both dims, biases, BatchNorm weights and running stats, Linear input
+blocks after a flatten, ...), lets each op's rule fix its module attributes and literal
+arguments (``in_channels``, ``groups`` of depthwise convs, ``num_groups`` of group
+norms, ``view`` sizes, ``split`` sizes, slice bounds), folds channel-mask nodes away and
+removes dead code. It then checks, in code, that no mask node is left, that the graph
+lints, and that in eval mode (float32) every output of the slim model matches the
+masked model (:func:`passes.insert_channel_masks.insert_channel_masks`) on random
+inputs within ``1e-4`` of the output's scale. Parameters keep their device and dtype.
+
+>>> import torch, torch.nn as nn
+>>> from passes.channel_groups import find_channel_groups
+>>> class Net(nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+...         self.a, self.b = nn.Conv2d(8, 2, 1), nn.Linear(8, 3)
+...     def forward(self, x):
+...         h = self.bn(self.conv(x)).relu()
+...         return {"a": self.a(h), "b": self.b(h.mean((2, 3)))}
+>>> gm = torch.fx.symbolic_trace(Net())
+>>> groups = find_channel_groups(gm, (torch.randn(2, 3, 8, 8),))
+>>> slim = slim_channels(gm, groups, {0: torch.arange(8) % 2 == 0})
+>>> slim.conv, slim.bn.num_features, slim.a, slim.b
+(Conv2d(3, 4, kernel_size=(3, 3), stride=(1, 1)), 4, Conv2d(4, 2, kernel_size=(1, 1), stride=(1, 1)), Linear(in_features=4, out_features=3, bias=True))
+>>> gm.conv.out_channels   # the input is untouched
+8
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .channel_groups import ChannelGroups
+from .errors import DisparseValueError, PostconditionError
+from .insert_channel_masks import (MASK_MODULE, fold_channel_masks, is_channel_mask, mask_plan,
+                                   masked_view)
+from .rules import describe, lookup_channel_rule
+
+__all__ = ["slim_channels", "slim", "channels_emptied_by", "SlimContext", "check_parity"]
+
+log = logging.getLogger(__name__)
+
+PASS_NAME = "slim_channels"
+_MISSING = object()
+
+
+class SlimContext:
+    """What a rule's ``slim`` hook sees: the node of the NEW graph, after slicing."""
+
+    def __init__(self, gm: fx.GraphModule, node: fx.Node, groups: ChannelGroups, keep: torch.Tensor):
+        self.gm = gm
+        self.node = node
+        self.groups = groups
+        self.keep = keep  # keep flag of every global channel
+
+    @property
+    def module(self) -> nn.Module:
+        return self.gm.get_submodule(self.node.target)
+
+    def _name(self, n: Any) -> str:
+        return n.name if isinstance(n, fx.Node) else str(n)
+
+    def channels(self, n: Any) -> Any:
+        """``{dim: global channel ids}`` of a tensor node (a tuple for tuple outputs)."""
+        ch = self.groups.node_channels.get(self._name(n))
+        return {} if ch is None else ch
+
+    def shape(self, n: Any) -> Any:
+        """The node's output shape on the example inputs (before slimming)."""
+        return self.groups.node_shapes.get(self._name(n))
+
+    def kept_count(self, n: Any, dim: int, default: Optional[int] = None) -> int:
+        ch = self.channels(n)
+        gids = ch.get(dim) if isinstance(ch, Mapping) else None
+        if gids is None:
+            return default if default is not None else self.shape(n)[dim]
+        return int(self.keep[gids].sum())
+
+    def arg(self, pos: Optional[int], name: Optional[str] = None, default: Any = None) -> Any:
+        if pos is not None and pos < len(self.node.args):
+            return self.node.args[pos]
+        if name is not None and name in self.node.kwargs:
+            return self.node.kwargs[name]
+        return default
+
+    def value(self, pos: Optional[int], name: Optional[str] = None, default: Any = None) -> Any:
+        """A literal argument, or the example-input value of a node argument."""
+        a = self.arg(pos, name, _MISSING)
+        if a is _MISSING:
+            return default
+        return self.concrete_index(a)
+
+    def concrete_index(self, a: Any) -> Any:
+        return fx.node.map_arg(a, lambda n: self.groups.node_shapes.get(n.name))
+
+    def is_size_dependent(self, a: Any) -> bool:
+        """Whether ``a`` holds a node whose value was computed from a channel count."""
+        found = []
+        fx.node.map_arg(a, lambda n: found.append(n.name in self.groups.size_dependent))
+        return any(found)
+
+    def set_arg(self, pos: int, name: Optional[str], value: Any) -> None:
+        if pos is not None and pos < len(self.node.args):
+            args = list(self.node.args)
+            args[pos] = value
+            self.node.args = tuple(args)
+        elif name is not None:
+            self.set_kwarg(name, value)
+
+    def set_kwarg(self, name: str, value: Any) -> None:
+        kwargs = dict(self.node.kwargs)
+        kwargs[name] = value
+        self.node.kwargs = kwargs
+
+
+def slim_channels(gm: fx.GraphModule, groups: ChannelGroups, keep: Mapping[int, torch.Tensor], *,
+                  check: bool = True, tolerance: float = 1e-4) -> fx.GraphModule:
+    """A new GraphModule with the channels ``keep`` removes physically gone.
+
+    Args:
+        gm: the GraphModule ``groups`` was found on, or its
+            :func:`~passes.insert_channel_masks.insert_channel_masks` output (its masks
+            must agree with ``keep``). Never modified. To slim a model whose weights were
+            masked element-wise, apply the masks to the weights (or keep the mask
+            buffers: they are sliced with their weights) and pass
+            ``keep = channels_emptied_by(groups, masks)``.
+        groups: :func:`passes.channel_groups.find_channel_groups` of ``gm``.
+        keep: ``{group_id: bool tensor}`` (True = kept); groups left out keep everything.
+        check: run the postconditions (no mask node, ``graph.lint()``, parity with the
+            masked model in eval mode, float32, within ``tolerance`` x output scale).
+
+    Raises :class:`DisparseValueError` for a bad ``keep``, :class:`PostconditionError`
+    (naming this pass) if a postcondition fails.
+    """
+    flat = groups.keep_vector(keep)
+    had_masks = any(is_channel_mask(n) for n in gm.graph.nodes)
+    if had_masks:
+        _check_masks_agree(gm, groups, flat)
+    new = copy.deepcopy(gm)
+    fold_channel_masks(new)
+    _slice_members(new, groups, flat)
+    _run_hooks(new, groups, flat)
+    _eliminate_dead_code(new)
+    new.delete_all_unused_submodules()
+    new.recompile()
+    if check:
+        leftover = [n.name for n in new.graph.nodes if is_channel_mask(n)]
+        if leftover:
+            raise PostconditionError(f"{PASS_NAME}: mask nodes left in the slim graph: {leftover}")
+        try:
+            new.graph.lint()
+        except Exception as exc:  # noqa: BLE001
+            raise PostconditionError(f"{PASS_NAME}: the slim graph does not lint: {exc}") from exc
+        reference = gm if had_masks else masked_view(gm, groups, flat)
+        check_parity(reference, new, groups, tolerance=tolerance, what=PASS_NAME)
+    log.debug("slimmed %d -> %d parameters", _numel(gm.parameters()), _numel(new.parameters()))
+    return new
+
+
+#: The name the design documents use.
+slim = slim_channels
+
+
+def _numel(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def _check_masks_agree(gm: fx.GraphModule, groups: ChannelGroups, flat: torch.Tensor) -> None:
+    plan = mask_plan(groups, flat)
+    holder = getattr(gm, MASK_MODULE, None)
+    present = dict(holder.named_buffers()) if holder is not None else {}
+    for (arg, dim), kept in plan.items():
+        buf = present.get(f"{arg}_dim{dim}")
+        if buf is None or not torch.equal(buf.detach().reshape(-1).cpu() != 0, kept):
+            raise DisparseValueError(
+                f"the channel masks of the given model do not match keep at node '{arg}' dim {dim}; "
+                f"pass the unmasked model, or the output of insert_channel_masks with this keep")
+
+
+def _slice_members(gm: fx.GraphModule, groups: ChannelGroups, flat: torch.Tensor) -> None:
+    owners: Dict[int, List[Tuple[nn.Module, str, bool]]] = {}
+    for mod in gm.modules():
+        for name, p in mod._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((mod, name, True))
+        for name, b in mod._buffers.items():
+            if b is not None:
+                owners.setdefault(id(b), []).append((mod, name, False))
+    for name in groups.param_shapes:
+        try:
+            t = gm.get_parameter(name)
+        except AttributeError:
+            t = gm.get_buffer(name)
+        new_t = t.detach()
+        changed = False
+        for dim, gids in sorted(groups.slice_channels(name).items()):
+            kept = flat[gids]
+            if bool(kept.all()):
+                continue
+            idx = kept.nonzero().flatten().to(new_t.device)
+            new_t = new_t.index_select(dim, idx)
+            changed = True
+        if not changed:
+            continue
+        new_t = new_t.clone()
+        for mod, attr, is_param in owners.get(id(t), []):
+            if is_param:
+                mod._parameters[attr] = nn.Parameter(new_t, requires_grad=t.requires_grad)
+            else:
+                mod._buffers[attr] = new_t
+
+
+def _touched(node: fx.Node, groups: ChannelGroups, flat: torch.Tensor) -> bool:
+    def removed(ch) -> bool:
+        if isinstance(ch, Mapping):
+            return any(not bool(flat[g].all()) for g in ch.values())
+        if isinstance(ch, (tuple, list)):
+            return any(removed(c) for c in ch)
+        return False
+
+    if removed(groups.node_channels.get(node.name)):
+        return True
+    return any(removed(groups.node_channels.get(n.name)) for n in node.all_input_nodes)
+
+
+def _run_hooks(gm: fx.GraphModule, groups: ChannelGroups, flat: torch.Tensor) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        if node.name not in groups.node_channels or not _touched(node, groups, flat):
+            continue
+        rule = lookup_channel_rule(node, gm)
+        if rule.slim is None:
+            continue
+        try:
+            rule.slim(SlimContext(gm, node, groups, flat))
+        except Exception as exc:
+            raise PostconditionError(
+                f"{PASS_NAME}: the slim hook of rule {rule.name} failed on {describe(node, gm)}: "
+                f"{type(exc).__name__}: {exc}") from exc
+
+
+def _impure(node: fx.Node) -> bool:
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.op in ("call_method", "call_function"):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.startswith("__") or node.kwargs.get("inplace"):
+            return True
+        if node.op == "call_function":
+            return node.is_impure()
+    if node.op == "call_module":
+        return node.is_impure()
+    return False
+
+
+def _eliminate_dead_code(gm: fx.GraphModule) -> None:
+    gm.graph.eliminate_dead_code(is_impure_node=_impure)
+
+
+# ----------------------------------------------------------------------------- parity
+@contextlib.contextmanager
+def _eval_mode(*modules: nn.Module) -> Iterator[None]:
+    saved = [(m, m.training) for mod in modules for m in mod.modules()]
+    try:
+        for mod in modules:
+            mod.eval()
+        yield
+    finally:
+        for m, mode in saved:
+            m.training = mode
+
+
+def random_inputs(groups: ChannelGroups, device: torch.device, seed: int = 0) -> Tuple[Any, ...]:
+    """Random inputs shaped like the example inputs ``groups`` was found with (float32)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for spec in groups.input_specs:
+        if spec[0] == "tensor":
+            _, shape, dtype = spec
+            if dtype.is_floating_point or dtype.is_complex:
+                out.append(torch.randn(shape, generator=gen).to(device))
+            else:
+                out.append(torch.zeros(shape, dtype=dtype, device=device))
+        else:
+            out.append(spec[1])
+    return tuple(out)
+
+
+def _leaves(obj: Any, path: str = "") -> Iterator[Tuple[str, Any]]:
+    if isinstance(obj, torch.Tensor):
+        yield path or "output", obj
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _leaves(v, f"{path}[{k!r}]")
+    elif isinstance(obj, (tuple, list)):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, f"{path}[{i}]")
+
+
+def check_parity(reference: fx.GraphModule, slim_gm: fx.GraphModule, groups: ChannelGroups, *,
+                 tolerance: float = 1e-4, what: str = PASS_NAME, seed: int = 0) -> float:
+    """Raise :class:`PostconditionError` unless ``slim_gm`` matches ``reference`` in eval mode,
+    float32, on random inputs (every output within ``tolerance`` x its scale). Returns the
+    worst relative difference."""
+    ref = next(iter(list(reference.parameters()) + list(reference.buffers())), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    floats = [t for t in list(reference.parameters()) + list(reference.buffers()) if t.is_floating_point()]
+    if any(t.dtype != torch.float32 for t in floats):
+        reference = copy.deepcopy(reference).float()
+        slim_gm = copy.deepcopy(slim_gm).float()
+    inputs = random_inputs(groups, device, seed)
+    with _eval_mode(reference, slim_gm), torch.no_grad():
+        expected = reference(*inputs)
+        got = slim_gm(*inputs)
+    exp_leaves, got_leaves = dict(_leaves(expected)), dict(_leaves(got))
+    if exp_leaves.keys() != got_leaves.keys():
+        raise PostconditionError(f"{what}: the slim model returns {sorted(got_leaves)}, the masked model "
+                                 f"{sorted(exp_leaves)}")
+    worst = 0.0
+    for path, e in exp_leaves.items():
+        g = got_leaves[path]
+        if tuple(e.shape) != tuple(g.shape):
+            raise PostconditionError(f"{what}: output {path} has shape {tuple(g.shape)} in the slim model, "
+                                     f"{tuple(e.shape)} in the masked model")
+        if not e.is_floating_point():
+            if not torch.equal(e, g):
+                raise PostconditionError(f"{what}: output {path} differs (non-float)")
+            continue
+        e32, g32 = e.float(), g.float()
+        nan_e, nan_g = torch.isnan(e32), torch.isnan(g32)
+        if not torch.equal(nan_e, nan_g):
+            raise PostconditionError(f"{what}: output {path} has NaNs in one model only")
+        diff = (e32 - g32).abs().masked_fill(nan_e, 0)
+        scale = max(float(e32.masked_fill(nan_e, 0).abs().max()) if e32.numel() else 0.0, 1e-6)
+        rel = float(diff.max()) / scale if diff.numel() else 0.0
+        worst = max(worst, rel)
+        if rel > tolerance:
+            raise PostconditionError(
+                f"{what}: output {path} of the slim model differs from the masked model by "
+                f"{float(diff.max()):.3g} (scale {scale:.3g}, relative {rel:.3g} > {tolerance})")
+    return worst
+
+
+# ----------------------------------------------------------------------------- elements
+def channels_emptied_by(groups: ChannelGroups, element_masks: Mapping[str, torch.Tensor]) -> Dict[int, torch.Tensor]:
+    """``keep`` that removes exactly the channels element masks already made dead.
+
+    A channel is emptied when every op that sums over it reads it through weight slices
+    that the masks zero entirely (e.g. ``conv2.weight[:, c]`` fully masked): the
+    channel's values then reach nothing, whatever its producer, bias or BatchNorm do, so
+    removing it is exact. Channels summed by ops without a weight (a sum over channels,
+    an activation-by-activation product) are never emptied. Fixed groups keep every
+    channel; a group keeps at least its first channel, and at least one channel of each
+    ``keep_one_of`` set and of each non-empty constraint.
+
+    ``element_masks``: ``{param_name: bool tensor of the parameter's shape}`` (True = kept).
+    """
+    n = groups.num_channels
+    read = torch.zeros(n, dtype=torch.bool)       # read by some weightless contraction
+    live = torch.zeros(n, dtype=torch.bool)       # read through some unmasked weight slice
+    for c in groups.contractions:
+        ch = groups.node_channels.get(c.arg)
+        gids = ch.get(c.dim) if isinstance(ch, Mapping) else None
+        if gids is None:
+            continue
+        if c.weight is None:
+            read[gids] = True
+            continue
+        pname, pdim = c.weight
+        w_gids = groups.slice_channels(pname).get(pdim)
+        mask = element_masks.get(pname)
+        if w_gids is None:
+            read[gids] = True
+            continue
+        if mask is None:
+            live[w_gids] = True
+            continue
+        mask = torch.as_tensor(mask).to("cpu").bool()
+        nonzero_slice = mask.movedim(pdim, 0).reshape(mask.shape[pdim], -1).any(dim=1)
+        live[w_gids[nonzero_slice]] = True
+        # channels of the arg that the weight does not cover at all stay live
+        covered = torch.zeros(n, dtype=torch.bool)
+        covered[w_gids] = True
+        live[gids[~covered[gids]]] = True
+    emptied = ~(read | live)
+    keep: Dict[int, torch.Tensor] = {}
+    for g in groups.groups:
+        if not g.removable:
+            continue
+        o = groups.offsets[g.id]
+        k = ~emptied[o:o + g.size]
+        if bool(k.all()):
+            continue
+        if not bool(k.any()):
+            k[0] = True
+        for s in g.keep_one_of:
+            if not bool(k[s].any()):
+                k[s[0]] = True
+        keep[g.id] = k
+    flat = torch.ones(n, dtype=torch.bool)
+    for gid, k in keep.items():
+        flat[groups.offsets[gid]:groups.offsets[gid] + k.numel()] = k
+    for s in groups.nonempty:
+        if not bool(flat[s].any()):
+            first = int(s[0])
+            gid = max(i for i, o in enumerate(groups.offsets) if o <= first)
+            keep[gid][first - groups.offsets[gid]] = True
+            flat[first] = True
+    return keep
