@@ -1,0 +1,433 @@
+"""Dynamic DiSparse (DynamicSparsity) and finetune: invariants over the zoo and toy models."""
+import copy
+import dataclasses
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import disparse_fx as dfx
+from disparse_fx.importance import default_inputs
+from disparse_fx.training import DynamicSparsity, erk_densities, finetune
+from passes.insert_masks import masked_params
+
+from .zoo import ZOO, ZOO_BY_NAME, outputs_by_task
+
+HYPOTHESIS_EXAMPLES = 12 if os.environ.get("HYPOTHESIS_PROFILE", "default") == "default" else 100
+
+
+def compressed(entry, sparsity=0.8, criterion="snip", **cfg):
+    model = entry.build()
+    config = dfx.CompressConfig(sparsity=sparsity, criterion=criterion, num_batches=2, progress=False, **cfg)
+    return dfx.compress(model, entry.task_losses, entry.batches(2), config, inputs=entry.inputs)
+
+
+def make_optimizer(kind, params, lr=1e-2):
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=1e-3)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-3)
+
+
+def train_step(entry, model, opt, batch, weights=None):
+    out = outputs_by_task(model((entry.inputs or default_inputs)(batch)))
+    loss = sum((weights or {}).get(t, 1.0) * entry.task_losses[t](out[t], batch) for t in out)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def stored_weights(sched):
+    return {p: sched._weights[p].detach() for p in sched.prunable}
+
+
+# ---------------------------------------------------------------- ERK
+def test_erk_densities_match_a_hand_computation():
+    shapes = {"conv": (8, 3, 3, 3), "fc": (4, 8), "big": (32, 64)}
+    n = {"conv": 216, "fc": 32, "big": 2048}
+    raw = {"conv": (17 / 216) ** 0.9, "fc": (12 / 32) ** 0.9, "big": (96 / 2048) ** 0.9}
+    budget = 0.25 * (216 + 32 + 2048)
+    # First pass: fc would exceed density 1, so it is made dense and the rest rescaled.
+    eps = budget / sum(raw[p] * n[p] for p in n)
+    assert eps * raw["fc"] > 1 and eps * raw["conv"] < 1 and eps * raw["big"] < 1
+    eps = (budget - n["fc"]) / (raw["conv"] * n["conv"] + raw["big"] * n["big"])
+    expected = {"conv": eps * raw["conv"], "fc": 1.0, "big": eps * raw["big"]}
+
+    got = erk_densities(shapes, 0.25)
+    assert got.keys() == expected.keys()
+    for p in expected:
+        assert got[p] == pytest.approx(expected[p], rel=1e-12), p
+    assert sum(got[p] * n[p] for p in n) == pytest.approx(budget, rel=1e-12)
+    assert erk_densities(shapes, 1.0) == {"conv": 1.0, "fc": 1.0, "big": 1.0}
+
+
+@pytest.mark.parametrize("entry", [ZOO_BY_NAME["two_heads_dict"], ZOO_BY_NAME["concat_list"]], ids=lambda e: e.name)
+def test_erk_init_counts_are_exact_and_masks_seeded(entry):
+    result = compressed(entry, sparsity=0.85)
+    shapes = {p: result.plan.shapes[p] for p in result.plan.prunable}
+    dens = erk_densities(shapes, 0.15)
+    total = sum(math.prod(s) for s in shapes.values())
+
+    def build(seed):
+        r = dataclasses.replace(result, model=copy.deepcopy(result.model))
+        return DynamicSparsity(r, entry.task_losses, torch.optim.SGD(r.model.parameters(), lr=0.1),
+                               end_step=100, inputs=entry.inputs, seed=seed)
+
+    a, b, c = build(0), build(0), build(1)
+    kept = {p: int(m.sum()) for p, m in a.masks.items()}
+    assert sum(kept.values()) == round(0.15 * total)
+    assert abs(a.sparsity - 0.85) <= 0.0025
+    for p, s in shapes.items():
+        assert abs(kept[p] - dens[p] * math.prod(s)) < 1 + 1e-9 or kept[p] == 1, p
+    assert all(torch.equal(a.masks[p], b.masks[p]) for p in shapes)
+    assert any(not torch.equal(a.masks[p], c.masks[p]) for p in shapes)
+    for p, m in a.masks.items():  # live weights all drawn (non-zero), pruned ones zero
+        w = a._weights[p].detach()
+        assert torch.all(w[~m] == 0) and torch.all(w[m] != 0), p
+        bound = 1 / math.sqrt(math.prod(w.shape[1:]))
+        fresh = m & ~result.plan.masks[p]
+        assert torch.all(w[fresh].abs() <= bound), p
+
+
+def test_init_plan_keeps_the_plans_masks_and_weights():
+    entry = ZOO_BY_NAME["residual_tuple"]
+    result = compressed(entry)
+    before = {k: v.clone() for k, v in result.model.state_dict().items()}
+    sched = DynamicSparsity(result, entry.task_losses, torch.optim.Adam(result.model.parameters()),
+                            end_step=10, init="plan")
+    assert all(torch.equal(sched.masks[p], result.plan.masks[p]) for p in result.plan.prunable)
+    assert sched.sparsity == pytest.approx(result.plan.sparsity)
+    assert all(torch.equal(v, before[k]) for k, v in result.model.state_dict().items())
+    assert sched.history[0]["step"] == 0 and sched.history[0]["regrown"] == 0
+
+
+# ---------------------------------------------------------------- invariants through training
+@pytest.mark.parametrize("entry, optimizer", [(e, "adam") for e in ZOO] + [
+    (ZOO_BY_NAME["two_heads_dict"], "sgd"), (ZOO_BY_NAME["tied_heads"], "sgd")],
+    ids=lambda v: getattr(v, "name", v))
+def test_sparsity_and_zeros_hold_through_training(entry, optimizer):
+    result = compressed(entry, sparsity=0.8)
+    model = result.model.train()
+    opt = make_optimizer(optimizer, model.parameters())
+    sched = DynamicSparsity(result, entry.task_losses, opt, update_every=10, end_step=150,
+                            inputs=entry.inputs, init="erk", seed=3)
+    counts = {p: int(m.sum()) for p, m in sched.masks.items()}
+    data = entry.batches(10, seed=1)
+    ever_changed = False
+    for step in range(1, 201):
+        batch = data[step % len(data)]
+        train_step(entry, model, opt, batch)
+        entry_ = sched.step(batch)
+        for p, m in sched.masks.items():
+            assert torch.all(sched._weights[p].detach()[~m] == 0), (step, p)
+        if entry_ is not None:
+            assert step % 10 == 0 and step < 150
+            assert entry_["sparsity"] == sched.target_sparsity
+            assert abs(entry_["sparsity"] - 0.8) <= 0.0025
+            assert {p: int(m.sum()) for p, m in sched.masks.items()} == counts
+            assert entry_["prune_fraction"] == pytest.approx(0.25 * (1 + math.cos(math.pi * step / 150)))
+            ever_changed |= entry_["regrown"] > 0
+            assert entry_["regrown"] == entry_["pruned"]
+    assert ever_changed
+    assert [h["step"] for h in sched.history] == list(range(0, 150, 10))
+    # The stored weights are exactly the effective ones: mask multiplies change nothing.
+    with torch.no_grad():
+        x = (entry.inputs or default_inputs)(data[0])
+        model.eval()
+        masked = outputs_by_task(model(x))
+        ones = {n: torch.ones_like(b) for n, b in masked_params(model).items()}
+        bufs = {n + "_mask": b for n, b in ones.items()}
+        unmasked = outputs_by_task(torch.func.functional_call(model, bufs, (x,), strict=False))
+    for t in masked:
+        assert torch.equal(masked[t], unmasked[t]), t
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_regrown_weights_start_at_zero_with_fresh_optimizer_state(optimizer):
+    entry = ZOO_BY_NAME["mid_trunk_branch"]
+    result = compressed(entry)
+    model = result.model.train()
+    opt = make_optimizer(optimizer, model.parameters())
+    sched = DynamicSparsity(result, entry.task_losses, opt, update_every=7, end_step=100, init="plan")
+    data = entry.batches(7, seed=2)
+    for step in range(1, 7):
+        train_step(entry, model, opt, data[step])
+        assert sched.step(data[step]) is None
+    train_step(entry, model, opt, data[0])
+    keys = ("exp_avg", "exp_avg_sq") if optimizer == "adam" else ("momentum_buffer",)
+    before_w = {p: w.clone() for p, w in stored_weights(sched).items()}
+    before_s = {p: {k: opt.state[sched._weights[p]][k].clone() for k in keys} for p in sched.prunable}
+    assert sched.step(data[0]) is not None
+    rec = sched.last_update
+    assert sum(int(g.sum()) for g in rec.grown.values()) > 0
+    for p in sched.prunable:
+        w, shape = sched._weights[p].detach(), sched._weights[p].shape
+        grown = rec.grown.get(p, torch.zeros(w.numel(), dtype=torch.bool)).view(shape)
+        pruned = rec.pruned.get(p, torch.zeros(w.numel(), dtype=torch.bool)).view(shape)
+        same = ~(grown | pruned)
+        assert torch.all(w[grown] == 0) and torch.all(w[pruned] == 0), p
+        assert torch.equal(w[same], before_w[p][same]), p
+        for k in keys:
+            s = opt.state[sched._weights[p]][k]
+            assert torch.all(s[grown | pruned] == 0), (p, k)
+            assert torch.equal(s[same], before_s[p][k][same]), (p, k)
+    # Regrown weights then learn: after one more step some of them are non-zero.
+    train_step(entry, model, opt, data[1])
+    assert any(bool((sched._weights[p].detach().reshape(-1)[g] != 0).any()) for p, g in rec.grown.items())
+
+
+def test_regrowth_scores_are_the_dense_per_task_gradients():
+    """The all-masks-one trick gives the gradient each weight would get if unmasked."""
+    entry = ZOO_BY_NAME["two_heads_dict"]
+    result = compressed(entry)
+    model = result.model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = DynamicSparsity(result, entry.task_losses, opt, update_every=1, end_step=10, init="plan")
+    batch = entry.batches(1, seed=5)[0]
+    train_step(entry, model, opt, batch)
+    ref = copy.deepcopy(model)
+    sched.step(batch)
+    with torch.no_grad():
+        for buf in masked_params(ref).values():
+            buf.fill_(1.0)
+    plan = result.plan
+    for t in plan.tasks:
+        ref.zero_grad()
+        entry.task_losses[t](ref(batch["input"])[t], batch).backward()
+        dom = [p for p in plan.prunable if t in plan.owners[p]]
+        total = sum(float(ref.get_parameter(p).grad.abs().sum()) for p in dom)
+        for p in dom:
+            if p in sched.last_update.scores:
+                expected = ref.get_parameter(p).grad.abs().reshape(-1) / total
+                torch.testing.assert_close(sched.last_update.scores[p][t], expected, rtol=1e-5, atol=1e-9)
+
+
+# ---------------------------------------------------------------- the union rule (hypothesis)
+class ToyMultitask(nn.Module):
+    """An MLP trunk; each task's head branches off after trunk layer ``branch[t]``."""
+
+    def __init__(self, width, depth, branch, head_hidden):
+        super().__init__()
+        self.trunk = nn.ModuleList(nn.Linear(6 if i == 0 else width, width) for i in range(depth))
+        self.branch = list(branch)
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, h), nn.Tanh(), nn.Linear(h, 2)) if h else nn.Linear(width, 2)
+            for h in head_hidden)
+
+    def forward(self, x):
+        feats, h = [], x
+        for layer in self.trunk:
+            h = torch.tanh(layer(h))
+            feats.append(h)
+        return {f"t{i}": head(feats[self.branch[i]]) for i, head in enumerate(self.heads)}
+
+
+@st.composite
+def toy_setups(draw):
+    depth = draw(st.integers(1, 3))
+    n_tasks = draw(st.integers(2, 3))
+    return dict(
+        width=draw(st.integers(3, 10)), depth=depth,
+        branch=[draw(st.integers(0, depth - 1)) for _ in range(n_tasks)],
+        head_hidden=[draw(st.sampled_from([0, 3, 5])) for _ in range(n_tasks)],
+        sparsity=draw(st.floats(0.3, 0.9)), prune_rate=draw(st.floats(0.1, 1.0)),
+        init=draw(st.sampled_from(["erk", "plan"])), seed=draw(st.integers(0, 10_000)),
+    )
+
+
+@settings(max_examples=HYPOTHESIS_EXAMPLES)
+@given(toy_setups())
+def test_regrowth_follows_the_union_rule(setup):
+    torch.manual_seed(setup["seed"])
+    model = ToyMultitask(setup["width"], setup["depth"], setup["branch"], setup["head_hidden"])
+    tasks = [f"t{i}" for i in range(len(setup["branch"]))]
+    gen = torch.Generator().manual_seed(setup["seed"])
+    batch = {"input": torch.randn(8, 6, generator=gen), **{t: torch.randn(8, 2, generator=gen) for t in tasks}}
+    losses = {t: (lambda t: lambda p, b: F.mse_loss(p, b[t]))(t) for t in tasks}
+    result = dfx.compress(model, losses, [batch], dfx.CompressConfig(
+        sparsity=setup["sparsity"], criterion="magnitude", num_batches=1, progress=False, seed=setup["seed"]))
+    gm = result.model
+    opt = torch.optim.Adam(gm.parameters(), lr=1e-2)
+    sched = DynamicSparsity(result, losses, opt, update_every=1, end_step=10, prune_rate=setup["prune_rate"],
+                            init=setup["init"], seed=setup["seed"])
+    counts = {p: int(m.sum()) for p, m in sched.masks.items()}
+    out = gm(batch["input"])
+    opt.zero_grad()
+    sum(losses[t](out[t], batch) for t in tasks).backward()
+    opt.step()
+    masks_before = {p: m.reshape(-1).clone() for p, m in sched.masks.items()}
+    weights_before = {p: w.clone().reshape(-1) for p, w in stored_weights(sched).items()}
+    assert sched.step(batch) is not None
+    rec = sched.last_update
+    owners = result.plan.owners
+    for p in sched.prunable:
+        live = masks_before[p]
+        if p not in rec.dropped:  # nothing to move: dense layer or zero drop count
+            assert torch.equal(sched.masks[p].reshape(-1), live)
+            continue
+        dropped, regrow, picks = rec.dropped[p], rec.regrow[p], rec.task_picks[p]
+        k = int(dropped.sum())
+        assert k == int(rec.prune_fraction * int(live.sum()))
+        # Drop: the k live weights of smallest magnitude.
+        w = weights_before[p].abs()
+        assert bool((dropped <= live).all())
+        if k < int(live.sum()):
+            assert float(w[dropped].max()) <= float(w[live & ~dropped].min())
+        candidates = ~(live & ~dropped)
+        assert set(picks) == set(owners[p])
+        for t, pick in picks.items():  # each task: its top-k candidates by its own score
+            s = rec.scores[p][t]
+            assert int(pick.sum()) == k and bool((pick <= candidates).all())
+            rest = candidates & ~pick
+            if rest.any():
+                assert float(s[pick].min()) >= float(s[rest].max())
+        assert int(regrow.sum()) == k
+        if len(owners[p]) > 1:  # shared: inside the union, trimmed by the best normalised score
+            union = torch.stack(list(picks.values())).any(0)
+            assert bool((regrow <= union).all())
+            best = torch.stack([rec.scores[p][t] for t in picks]).amax(0)
+            rest = union & ~regrow
+            if rest.any():
+                assert float(best[regrow].min()) >= float(best[rest].max())
+        else:
+            assert torch.equal(regrow, next(iter(picks.values())))
+        new = sched.masks[p].reshape(-1)
+        assert torch.equal(new, (live & ~dropped) | regrow)
+        assert int(new.sum()) == counts[p]
+        assert torch.all(sched._weights[p].detach().reshape(-1)[rec.grown[p]] == 0)
+
+
+# ---------------------------------------------------------------- guards
+def test_channel_granularity_is_not_implemented_yet():
+    entry = ZOO_BY_NAME["two_heads_dict"]
+    result = compressed(entry)
+    cfg = dataclasses.replace(result.plan.config, granularity="channel")
+    channel = dataclasses.replace(result, plan=dataclasses.replace(result.plan, config=cfg))
+    with pytest.raises(NotImplementedError, match="granularity='element'"):
+        DynamicSparsity(channel, entry.task_losses, torch.optim.Adam(result.model.parameters()), end_step=10)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(update_every=0), r"update_every must be an integer >= 1, got 0"),
+    (dict(end_step=-5), r"end_step must be an integer >= 1, got -5"),
+    (dict(end_step=2.5), r"end_step must be an integer >= 1, got 2.5"),
+    (dict(prune_rate=1.5), r"prune_rate must be a number in \[0, 1\], got 1.5"),
+    (dict(init="dense"), r"init must be one of \('erk', 'plan'\), got 'dense'"),
+    (dict(seed="0"), r"seed must be an integer, got '0'"),
+    (dict(inputs=3), r"inputs must be a callable batch -> model input\(s\), got int"),
+    (dict(optimizer="adam"), r"optimizer must be a torch.optim.Optimizer .*got str"),
+    (dict(optimizer="other"), r"optimizer does not update parameter 'stem.weight'"),
+    (dict(result="model"), r"result must be the CompressionResult returned by compress\(\), got str"),
+    (dict(task_losses={"seg": None}), r"task_losses names tasks \['seg'\] but the model outputs"),
+])
+def test_dynamic_sparsity_rejects_bad_arguments(kwargs, match):
+    entry = ZOO_BY_NAME["two_heads_dict"]
+    result = compressed(entry)
+    args = dict(result=result, task_losses=entry.task_losses,
+                optimizer=torch.optim.Adam(result.model.parameters()), end_step=10)
+    if kwargs.get("optimizer") == "other":
+        kwargs = dict(optimizer=torch.optim.Adam(result.model.cls.parameters()))
+    args.update(kwargs)
+    with pytest.raises(dfx.DisparseValueError, match=match):
+        DynamicSparsity(args.pop("result"), args.pop("task_losses"), args.pop("optimizer"), **args)
+
+
+# ---------------------------------------------------------------- finetune
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd", "factory"])
+def test_finetune_cycles_data_keeps_pruned_weights_zero_and_learns(optimizer):
+    entry = ZOO_BY_NAME["tied_heads"]
+    result = compressed(entry, sparsity=0.5)
+    made = []
+
+    def factory(params):
+        made.append(torch.optim.RMSprop(params, lr=3e-3))
+        return made[-1]
+
+    data = entry.batches(3, seed=4)
+    hist = finetune(result, entry.task_losses, data, 60, optimizer=factory if optimizer == "factory" else optimizer,
+                    lr=1e-2 if optimizer != "sgd" else 5e-2, inputs=entry.inputs, progress=False)
+    assert hist["step"] == list(range(1, 61)) and len(hist["loss"]) == 60
+    assert set(hist["task_losses"]) == {"a", "b", "c"}
+    assert sum(hist["loss"][-3:]) < 0.8 * sum(hist["loss"][:3])
+    assert len(made) == (optimizer == "factory")
+    params = dict(result.model.named_parameters())
+    for p, m in result.plan.masks.items():
+        assert torch.all(params[p].detach()[~m] == 0), p
+    assert result.model.training  # mode restored (it was in train mode)
+
+
+def test_finetune_eval_callback_and_task_weights():
+    entry = ZOO_BY_NAME["two_heads_dict"]
+    result = compressed(entry)
+    model = result.model.eval()
+    cls_before = {n: p.clone() for n, p in model.cls.named_parameters()}
+    seen = []
+
+    def eval_fn(m):
+        seen.append((m.training, torch.is_grad_enabled()))
+        return {"n": len(seen)}
+
+    hist = finetune(result, entry.task_losses, entry.batches(4), 10, eval_fn=eval_fn, eval_every=4,
+                    task_weights={"seg": 1.0, "cls": 0.0}, progress=False)
+    assert [s for s, _ in hist["eval"]] == [4, 8, 10]
+    assert seen == [(False, False)] * 3
+    assert not model.training
+    for n, p in model.cls.named_parameters():  # task weight 0: the cls head never moves (Adam, no decay)
+        assert torch.equal(p, cls_before[n]), n
+
+
+def test_finetune_drives_dynamic_sparsity_and_works_on_a_plain_module():
+    entry = ZOO_BY_NAME["residual_tuple"]
+    result = compressed(entry)
+    opt = torch.optim.Adam(result.model.parameters(), lr=1e-2)
+    sched = DynamicSparsity(result, entry.task_losses, opt, update_every=5, end_step=20)
+    hist = finetune(result, entry.task_losses, entry.batches(4), 25, dynamic=sched, progress=False)
+    assert [s for s, _ in hist["sparsity"]] == [5, 10, 15]
+    assert all(v == sched.target_sparsity for _, v in hist["sparsity"])
+    assert sched.step_count == 25
+    plain = entry.build()
+    hist = finetune(plain, entry.task_losses, entry.batches(2), 3, optimizer="sgd", progress=False)
+    assert len(hist["loss"]) == 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=0), r"steps must be an integer >= 1, got 0"),
+    (dict(optimizer="rmsprop"), r"optimizer must be one of \('adam', 'adamw', 'sgd'\).*got 'rmsprop'"),
+    (dict(optimizer=lambda ps: None), r"optimizer factory must return a torch.optim.Optimizer, returned NoneType"),
+    (dict(lr=0), r"lr must be a number > 0, got 0"),
+    (dict(weight_decay=-1.0), r"weight_decay must be a number >= 0, got -1.0"),
+    (dict(eval_every=0), r"eval_every must be an integer >= 1, got 0"),
+    (dict(eval_fn=5), r"eval_fn must be a callable model -> metrics, got int"),
+    (dict(task_weights={"seg": 1.0}), r"task_weights must be a dict with one number per task \['seg', 'cls'\]"),
+    (dict(task_weights={"seg": 1.0, "cls": -2}), r"task_weights\['cls'\] must be a finite number >= 0, got -2"),
+    (dict(result_or_model="x"), r"result_or_model must be a CompressionResult or an nn.Module, got str"),
+    (dict(dynamic="x"), r"dynamic must be a DynamicSparsity or None, got str"),
+    (dict(data=[]), r"data yielded no batch; finetune needs at least one"),
+    (dict(data="exhausted"), r"data yielded no batch on re-iteration"),
+])
+def test_finetune_rejects_bad_arguments(kwargs, match):
+    entry = ZOO_BY_NAME["two_heads_dict"]
+    result = compressed(entry)
+    args = dict(result_or_model=result, task_losses=entry.task_losses, data=entry.batches(1), steps=2,
+                progress=False)
+    if kwargs.get("data") == "exhausted":  # an iterator: one batch, then nothing on the second pass
+        kwargs = dict(data=iter(entry.batches(1)))
+    args.update(kwargs)
+    with pytest.raises(dfx.DisparseValueError, match=match):
+        finetune(**args)
+
+
+def test_finetune_rejects_a_scheduler_of_another_model_or_a_second_optimizer():
+    entry = ZOO_BY_NAME["two_heads_dict"]
+    result, other = compressed(entry), compressed(entry)
+    opt = torch.optim.Adam(other.model.parameters())
+    sched = DynamicSparsity(other, entry.task_losses, opt, end_step=10)
+    with pytest.raises(dfx.DisparseValueError, match="dynamic was built for another model"):
+        finetune(result, entry.task_losses, entry.batches(1), 1, dynamic=sched, progress=False)
+    with pytest.raises(dfx.DisparseValueError, match="optimizer must be left out"):
+        finetune(other, entry.task_losses, entry.batches(1), 1, dynamic=sched, optimizer="sgd", progress=False)
