@@ -315,7 +315,7 @@ class DynamicSparsity:
         self._check_counts()
         self.last_update = UpdateRecord(step=step, prune_fraction=frac, **rec)
         entry = self._record(step, frac, n_pruned, n_grown, mismatches)
-        log.info("step %d: drop fraction %.4f, %d pruned / %d regrown, sparsity %.4f (%.3fs)",
+        log.debug("step %d: drop fraction %.4f, %d pruned / %d regrown, sparsity %.4f (%.3fs)",
                  step, frac, n_pruned, n_grown, entry["sparsity"], time.perf_counter() - t0)
         return entry
 

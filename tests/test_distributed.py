@@ -172,3 +172,25 @@ def test_helpers_are_no_ops_without_a_process_group():
     distributed.all_reduce_mean_([t])
     distributed.broadcast_([t])
     assert torch.equal(t, torch.arange(4.0))
+
+
+@pytest.mark.long
+def test_example_trains_under_torchrun_with_two_ranks(tmp_path):
+    """examples/train_dynamic_ddp.py as documented, shortened: torchrun, 2 gloo ranks."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "history.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(root / "examples" / "train_dynamic_ddp.py"), "--steps", "8", "--update-every", "2",
+           "--image-size", "16", "--batch-size", "2", "--importance-batches", "1", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    history = json.loads(out.read_text())
+    assert history["masks_identical"] is True
+    assert [s for s, _ in history["sparsity"]] == [0, 2, 4]
+    assert all(abs(v - 0.9) <= 0.0025 for _, v in history["sparsity"])
