@@ -400,7 +400,7 @@ class DynamicSparsity:
         """Under torch.distributed: adopt rank 0's masks; returns how many elements differed here."""
         if not distributed.is_active():
             return 0
-        flat = torch.cat([self._masks[p].reshape(-1) for p in self.prunable])
+        flat = torch.cat([self._masks[p].reshape(-1).float() for p in self.prunable])  # gloo: no bf16
         local = flat.clone()
         distributed.broadcast_([flat], src=0)
         mismatches = int((flat != local).sum())

@@ -312,6 +312,34 @@ def test_channel_granularity_is_not_implemented_yet():
         DynamicSparsity(channel, entry.task_losses, torch.optim.Adam(result.model.parameters()), end_step=10)
 
 
+@pytest.mark.xfail(strict=True, raises=NotImplementedError,
+                   reason="dynamic sparse training on channel groups lands with the channel-group analysis")
+def test_dynamic_sparsity_on_channel_groups():
+    entry = ZOO_BY_NAME["two_heads_dict"]
+    result = compressed(entry)
+    cfg = dataclasses.replace(result.plan.config, granularity="channel")
+    channel = dataclasses.replace(result, plan=dataclasses.replace(result.plan, config=cfg))
+    sched = DynamicSparsity(channel, entry.task_losses, torch.optim.Adam(result.model.parameters()), end_step=10)
+    assert sched.sparsity > 0
+
+
+def test_state_dict_resumes_the_schedule():
+    entry = ZOO_BY_NAME["tied_heads"]
+    result = compressed(entry)
+    opt = torch.optim.Adam(result.model.parameters(), lr=1e-2)
+    sched = DynamicSparsity(result, entry.task_losses, opt, update_every=3, end_step=20, inputs=entry.inputs)
+    data = entry.batches(4)
+    for step in range(4):
+        train_step(entry, result.model, opt, data[step])
+        sched.step(data[step])
+    resumed = DynamicSparsity(result, entry.task_losses, opt, update_every=3, end_step=20, inputs=entry.inputs,
+                              init="plan")
+    resumed.load_state_dict(sched.state_dict())
+    assert resumed.step_count == 4 and [h["step"] for h in resumed.history] == [0, 3]
+    assert all(torch.equal(resumed.masks[p], sched.masks[p]) for p in sched.prunable)
+    assert resumed.step(data[0]) is None and resumed.step(data[1]) is not None  # steps 5, 6
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(update_every=0), r"update_every must be an integer >= 1, got 0"),
     (dict(end_step=-5), r"end_step must be an integer >= 1, got -5"),
