@@ -234,4 +234,4 @@ def torch_attr(path: str) -> Any:
 
 
 # Built-in rules register themselves on import.
-from . import conv, elementwise, norm, pooling, shape  # noqa: E402,F401
+from . import conv, elementwise, norm, pooling, shape, torchvision_ops  # noqa: E402,F401
