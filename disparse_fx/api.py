@@ -1,6 +1,7 @@
 """The public verbs: compress (and, as they land, slim and export_onnx)."""
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from typing import Any, Callable, Dict, Hashable, Iterable, Mapping, Optional, Sequence, Union
@@ -9,19 +10,24 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from passes.insert_masks import insert_masks
+from passes.channel_groups import find_channel_groups
+from passes.insert_channel_masks import insert_channel_masks
+from passes.insert_masks import fold_masks, insert_masks
+from passes.slim import channels_emptied_by, slim_channels
 from passes.ownership import analyze_ownership
 from passes.prunable import default_prunable_params
 from passes.trace import trace_model
 
+from .channel_decision import decide_channels
 from .config import CompressConfig
 from .decision import decide
-from .errors import DisparseValueError, NoPrunableParametersError, TaskMismatchError
+from .errors import (DisparseValueError, InputError, NoPrunableParametersError, NotEnoughBatchesError,
+                     TaskMismatchError)
 from .importance import default_inputs, estimate_importance
 from .plan import Plan
 from .result import CompressionResult
 
-__all__ = ["compress"]
+__all__ = ["compress", "slim"]
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +72,14 @@ def compress(
     losses = _match_task_losses(task_losses, ownership.tasks)
 
     prunable = _select_prunable(gm, model, ownership.owners, config)
+    inputs = inputs or default_inputs
+    first, data = _peek(data)
+    example = _example_inputs(inputs, first)
+    groups = None
     if config.granularity == "channel":
-        raise NotImplementedError(
-            "granularity='channel' is not available yet (structured pruning lands with the "
-            "channel-group analysis); use granularity='element'"
-        )
+        if example is None:
+            raise NotEnoughBatchesError("granularity='channel' needs one batch to find the channel groups; data is empty")
+        groups = find_channel_groups(gm, example)
     params = dict(model.named_parameters())
     domains = {t: tuple(p for p in prunable if t in ownership.owners[p]) for t in ownership.tasks}
     for t, dom in domains.items():
@@ -85,31 +94,126 @@ def compress(
         params={p: params[p] for p in prunable},
         task_losses=losses,
         data=data,
-        inputs=inputs or default_inputs,
+        inputs=inputs,
         config=config,
     )
     shapes = {p: params[p].shape for p in prunable}
-    decision = decide(scores, prunable=prunable, shapes=shapes, task_domains=domains, config=config)
-
-    masked = insert_masks(gm, _gm_keyed(gm, params, decision.masks))
-    kept = sum(int(m.sum()) for m in decision.masks.values())
+    channels = None
+    if groups is None:
+        decision = decide(scores, prunable=prunable, shapes=shapes, task_domains=domains, config=config)
+        masked = insert_masks(gm, _gm_keyed(gm, params, decision.masks))
+        sparsity = 1.0 - sum(int(m.sum()) for m in decision.masks.values()) / sum(m.numel() for m in decision.masks.values())
+        task_scores = decision.task_scores
+    else:
+        decision = decide_channels(scores, groups, prunable=prunable, shapes=shapes, owners=ownership.owners,
+                                   task_domains=domains, config=config)
+        masked = insert_channel_masks(gm, groups, decision.channels.keep)
+        sparsity = decision.sparsity
+        channels = decision.channels
+        task_scores = _normalised(scores, domains, config)
     total = sum(m.numel() for m in decision.masks.values())
     plan = Plan(
         owners=dict(ownership.owners),
-        task_scores=decision.task_scores,
+        task_scores=task_scores,
         task_masks=decision.task_masks,
         masks=decision.masks,
-        sparsity=1.0 - kept / total,
+        sparsity=sparsity,
         config=config,
         tasks=ownership.tasks,
         prunable=prunable,
         keep_ratio=decision.keep_ratio,
         batches=scores.batches,
         shapes={p: tuple(s) for p, s in shapes.items()},
+        channels=channels,
+        input_specs=_input_specs(example),
     )
     log.info("compress: %d tasks, %d prunable parameters (%d elements), sparsity %.4f (target %.4f) in %.2fs",
              len(ownership.tasks), len(prunable), total, plan.sparsity, config.sparsity, time.perf_counter() - t0)
     return CompressionResult(model=masked, plan=plan)
+
+
+def slim(result: CompressionResult, example_inputs=None) -> fx.GraphModule:
+    """The compact model: pruned channels physically removed, masks folded away.
+
+    Channel-granularity results remove every channel the plan removed. Element results
+    remove the channels their element masks emptied entirely (exact only: a channel
+    some kept weight still reads stays), keeping the remaining masks folded into the
+    weights. The slim model computes what the masked model computes (checked: eval mode,
+    max abs diff <= 1e-4 x output scale), keeps parameters' device and dtype, and never
+    shares storage with ``result.model``. ``example_inputs``: defaults to random inputs
+    shaped like the batches compress() saw.
+    """
+    if not isinstance(result, CompressionResult):
+        raise DisparseValueError(f"slim expects the CompressionResult of compress(), got {type(result).__name__}")
+    plan = result.plan
+    if plan.channels is not None:
+        return slim_channels(result.model, plan.channels.groups, plan.channels.keep)
+    example = example_inputs if example_inputs is not None else _inputs_from_specs(plan.input_specs, result.model)
+    if example is None:
+        raise DisparseValueError("slim needs example_inputs: compress() saw no batch to take their shapes from")
+    example = example if isinstance(example, tuple) else (example,)
+    folded = fold_masks(result.model)  # pruned weights are zeros; masks leave the graph
+    groups = find_channel_groups(folded, example)
+    params = dict(result.model.named_parameters(remove_duplicate=False))
+    masks = _gm_keyed(result.model, params, {p: m for p, m in plan.masks.items() if p in params})
+    return slim_channels(folded, groups, channels_emptied_by(groups, masks))
+
+
+def _peek(data: Iterable):
+    """(first batch or None, an iterable that still yields every batch)."""
+    it = iter(data)
+    try:
+        first = next(it)
+    except StopIteration:
+        return None, []
+    return first, itertools.chain([first], it)
+
+
+def _example_inputs(inputs, batch):
+    if batch is None:
+        return None
+    try:
+        args = inputs(batch)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"inputs(batch) raised {type(exc).__name__}: {exc} on batch 0") from exc
+    return args if isinstance(args, tuple) else (args,)
+
+
+def _input_specs(example):
+    if example is None:
+        return None
+    return tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in example)
+
+
+def _inputs_from_specs(specs, model):
+    if specs is None:
+        return None
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for spec in specs:
+        if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], torch.dtype):
+            shape, dtype = spec
+            t = torch.randn(shape, generator=gen) if dtype.is_floating_point else torch.zeros(shape, dtype=torch.long)
+            out.append(t.to(device=device, dtype=dtype))
+        else:
+            out.append(spec)
+    return tuple(out)
+
+
+def _normalised(scores, domains, config):
+    """Element task scores normalised to sum 1 per task (as the element decision reports them)."""
+    from .importance import SUMMED
+
+    out = {}
+    for u, per in scores.scores.items():
+        total = sum(float(s.sum()) for s in per.values()) or 1.0
+        out[u] = {p: s / total for p, s in per.items()}
+    if not config.disentangle:
+        return {t: {p: out[SUMMED][p] for p in dom} for t, dom in domains.items()}
+    return out
 
 
 def _match_task_losses(task_losses, tasks) -> Dict[Hashable, LossFn]:

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import FrozenSet, Hashable, Mapping, Tuple
+from typing import TYPE_CHECKING, Any, FrozenSet, Hashable, Mapping, Optional, Tuple
 
 import torch
 
 from .config import CompressConfig
+
+if TYPE_CHECKING:
+    from .channel_decision import ChannelPlan
 
 __all__ = ["Plan"]
 
@@ -27,6 +30,9 @@ class Plan:
     tasks: the tasks in output order. prunable: the prunable parameters (used by at
     least one task and accepted by the filter). keep_ratio: the per-task keep ratio the
     search found. batches: batches used for importance (0 for data-free criteria).
+    channels: channel granularity only - the channel groups, each channel's keep flag
+    and each task's votes (see :class:`disparse_fx.channel_decision.ChannelPlan`).
+    input_specs: (shape, dtype) of the model inputs compress() saw, for slim's checks.
     """
 
     owners: Mapping[str, FrozenSet[Hashable]]
@@ -40,6 +46,8 @@ class Plan:
     keep_ratio: float = 1.0
     batches: int = 0
     shapes: Mapping[str, Tuple[int, ...]] = field(default_factory=dict)
+    channels: Optional["ChannelPlan"] = None
+    input_specs: Optional[Tuple[Any, ...]] = None
 
     def density(self, param: str, task: Hashable = None) -> float:
         """Kept fraction of ``param`` in the final mask, or in ``task``'s own mask."""

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from .errors import DisparseValueError, PostconditionError
 from .ownership import parameter_uses
 
-__all__ = ["insert_masks", "mask_buffer_name", "masked_params", "MASKED_FORWARD_RULES",
+__all__ = ["insert_masks", "fold_masks", "mask_buffer_name", "masked_params", "MASKED_FORWARD_RULES",
            "register_masked_forward"]
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,56 @@ def insert_masks(gm: fx.GraphModule, masks: Mapping[str, torch.Tensor]) -> fx.Gr
     out.recompile()
     _check_postconditions(out, [name for name in masks if uses.get(name)])
     log.debug("insert_masks: %d masked parameters, %d multiply nodes", len(masks), n_mul)
+    return out
+
+
+def fold_masks(gm: fx.GraphModule) -> fx.GraphModule:
+    """The inverse of :func:`insert_masks`: a copy with every ``w * mask`` folded into ``w``.
+
+    Each mask is multiplied into its weight, the multiply nodes are removed, and the
+    mask buffers are deleted; ops that were made functional stay functional. The result
+    computes exactly what ``gm`` computes (pruned weights are stored as zeros).
+
+    >>> import torch, torch.nn as nn
+    >>> from passes.trace import trace_model
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = nn.Linear(2, 2)
+    ...     def forward(self, x):
+    ...         return {"y": self.fc(x)}
+    >>> masked = insert_masks(trace_model(Net()), {"fc.weight": torch.eye(2).bool()})
+    >>> print(fold_masks(masked).code.strip())
+    def forward(self, x):
+        fc_weight = self.fc.weight
+        fc_bias = self.fc.bias
+        linear = torch._C._nn.linear(x, fc_weight, fc_bias);  x = fc_weight = fc_bias = None
+        return {'y': linear}
+    """
+    out = copy.deepcopy(gm)
+    graph = out.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not operator.mul or len(node.args) != 2:
+            continue
+        weight, mask = node.args
+        if not (isinstance(mask, fx.Node) and mask.op == "get_attr" and str(mask.target).endswith(MASK_SUFFIX)
+                and isinstance(weight, fx.Node) and weight.op == "get_attr"):
+            continue
+        with torch.no_grad():
+            out.get_parameter(weight.target).mul_(out.get_buffer(mask.target))
+        node.replace_all_uses_with(weight)
+        graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and str(node.target).endswith(MASK_SUFFIX) and not node.users:
+            graph.erase_node(node)
+    for name in list(masked_params(out)):
+        owner_path, _, leaf = name.rpartition(".")
+        delattr(out.get_submodule(owner_path), leaf + MASK_SUFFIX)
+    graph.lint()
+    out.recompile()
+    left = [n.name for n in graph.nodes if n.op == "get_attr" and str(n.target).endswith(MASK_SUFFIX)]
+    if left:
+        raise PostconditionError(f"fold_masks: mask nodes {left} are still read by the graph")
     return out
 
 

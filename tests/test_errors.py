@@ -217,7 +217,3 @@ def test_all_errors_share_one_base():
                  "NotEnoughBatchesError", "NoPrunableParametersError", "InputError", "PostconditionError"):
         assert issubclass(getattr(dfx, name), dfx.DisparseError), name
 
-
-def test_channel_granularity_not_available_yet(model):
-    with pytest.raises(NotImplementedError, match="granularity='channel' is not available yet"):
-        call(model, granularity="channel")
