@@ -2,11 +2,11 @@
 
 >>> import disparse_fx as dfx
 >>> sorted(n for n in dfx.__all__ if n[0].islower())
-['compress']
+['compress', 'erk_densities', 'export_onnx', 'finetune', 'mask_overlap', 'slim']
 """
 import logging
 
-from .api import compress
+from .api import compress, slim
 from .config import CompressConfig
 from .errors import (
     DisparseError,
@@ -23,9 +23,23 @@ from .errors import (
 )
 from .plan import Plan
 from .result import CompressionResult
+from .channel_decision import ChannelPlan
+from .export import ExportMismatchError, ExportReport, export_onnx
+from .overlap import MaskOverlap, mask_overlap
+from .training import DynamicSparsity, erk_densities, finetune
 
 __all__ = [
     "compress",
+    "slim",
+    "export_onnx",
+    "ExportReport",
+    "ExportMismatchError",
+    "mask_overlap",
+    "MaskOverlap",
+    "ChannelPlan",
+    "DynamicSparsity",
+    "finetune",
+    "erk_densities",
     "CompressConfig",
     "CompressionResult",
     "Plan",

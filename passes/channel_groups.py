@@ -37,6 +37,7 @@ eval mode under ``torch.no_grad`` and get their training flags back).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -161,7 +162,15 @@ class ChannelGroups:
 
     def members_of(self, param_name: str) -> Tuple[Tuple[ChannelGroup, GroupMember], ...]:
         """Every (group, member) that slices ``param_name``."""
-        return tuple((g, m) for g in self.groups for m in g.members if m.param_name == param_name)
+        return self._by_param.get(param_name, ())
+
+    @functools.cached_property
+    def _by_param(self) -> Dict[str, Tuple[Tuple[ChannelGroup, GroupMember], ...]]:
+        index: Dict[str, List[Tuple[ChannelGroup, GroupMember]]] = {}
+        for g in self.groups:
+            for m in g.members:
+                index.setdefault(m.param_name, []).append((g, m))
+        return {k: tuple(v) for k, v in index.items()}
 
     def keep_vector(self, keep: Mapping[int, torch.Tensor]) -> torch.Tensor:
         """The keep flags of every global channel, after checking ``keep``.

@@ -57,6 +57,8 @@ import torch.nn as nn
 
 from .channel_groups import ChannelGroups
 from .errors import DisparseValueError
+from .rules import register_channel_rule
+from .rules.elementwise import elementwise
 
 __all__ = ["insert_channel_masks", "channel_mask", "is_channel_mask", "fold_channel_masks", "MASK_MODULE"]
 
@@ -72,6 +74,8 @@ def channel_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 torch.fx.wrap("channel_mask")
+# a model that already holds channel masks can be analysed too: a mask keeps channels
+register_channel_rule(channel_mask)(elementwise)
 
 
 def is_channel_mask(node: fx.Node) -> bool:

@@ -230,7 +230,8 @@ def _touched(node: fx.Node, groups: ChannelGroups, flat: torch.Tensor) -> bool:
 
     if removed(groups.node_channels.get(node.name)):
         return True
-    return any(removed(groups.node_channels.get(n.name)) for n in node.all_input_nodes)
+    return any(removed(groups.node_channels.get(n.name)) or n.name in groups.size_dependent
+               for n in node.all_input_nodes)
 
 
 def _run_hooks(gm: fx.GraphModule, groups: ChannelGroups, flat: torch.Tensor) -> None:

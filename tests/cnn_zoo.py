@@ -274,6 +274,30 @@ class MultiDepthNet(nn.Module):
         return {"edge": self.h1(a), "seg": self.h2(b), "cls": feats @ self.proj}
 
 
+class PixelNet(nn.Module):
+    """Pixel shuffle / unshuffle (blocks of r*r channels), a token head (flatten + transpose
+    into a per-token Linear), ``view(n, c, -1)`` pooling and a stacked branch sum."""
+
+    def __init__(self, w: int = 4):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4 * w, 3, padding=1)
+        self.c2 = nn.Sequential(nn.Conv2d(w, w, 3, padding=1), nn.InstanceNorm2d(w), nn.GELU())
+        self.c3 = nn.Conv2d(4 * w, 2 * w, 1)
+        self.alt = nn.Conv2d(4 * w, 2 * w, 3, padding=1)
+        self.seg = nn.Conv2d(2 * w, 2, 1)
+        self.cls = nn.Linear(2 * w, 3)
+        self.tok = nn.Linear(2 * w, 4)
+
+    def forward(self, x):
+        h = F.pixel_shuffle(self.c1(x), 2)
+        h = F.pixel_unshuffle(self.c2(h), 2)
+        y = torch.stack([self.c3(h), self.alt(h)], 1).sum(1)
+        n, c = y.shape[:2]
+        tokens = y.flatten(2).transpose(1, 2)
+        return {"seg": self.seg(y), "cls": self.cls(y.view(n, c, -1).mean(-1)),
+                "tok": self.tok(tokens).mean(1)}
+
+
 CNN_ZOO: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, ...]]] = {
     "residual": (ResidualNet, (2, 3, 16, 16)),
     "concat": (ConcatNet, (2, 3, 16, 16)),
@@ -285,6 +309,7 @@ CNN_ZOO: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, ...]]] = {
     "norm": (NormNet, (2, 3, 16, 16)),
     "flatten": (FlattenNet, (2, 3, 16, 16)),
     "multidepth": (MultiDepthNet, (2, 3, 16, 16)),
+    "pixel": (PixelNet, (2, 3, 8, 8)),
 }
 
 

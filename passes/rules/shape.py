@@ -612,8 +612,8 @@ def _getitem_slim(sctx):
     node = sctx.node
     x = node.args[0]
     x_shape = sctx.shape(x)
-    if not isinstance(x_shape, tuple) or not all(isinstance(s, int) for s in x_shape):
-        return  # indexing a tuple / size: nothing to rewrite
+    if not isinstance(sctx.groups.node_channels.get(x.name), dict):
+        return  # indexing a tuple, a dict or a size: nothing to rewrite
     index = node.args[1]
     ch = sctx.channels(x)
     plan = index_plan(index, len(x_shape))

@@ -1,0 +1,135 @@
+"""FLOPs of a traced model, per node and per task, from shapes propagated on an example.
+
+Counted: multiply-accumulates x 2 of convolutions (module and functional, transposed
+too), linear layers and matmuls - the ops that dominate CNN and transformer cost.
+Elementwise ops, norms and pooling are not counted (say so wherever FLOPs are shown).
+Per-sample numbers: totals divided by the example's batch size.
+
+``effective`` FLOPs scale each op by the density of its weight when the weight is
+``w * mask`` in the graph (a masked model): what a sparse kernel would execute.
+A task's FLOPs are those of the nodes its output depends on.
+
+>>> import torch, torch.nn as nn
+>>> from passes.trace import trace_model
+>>> class Net(nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.conv, self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 2), nn.Linear(8, 5)
+...     def forward(self, x):
+...         h = self.conv(x).mean((2, 3))
+...         return {"a": self.a(h), "b": self.b(h)}
+>>> f = count_flops(trace_model(Net()), (torch.randn(2, 3, 4, 4),))
+>>> f.total, f.per_task["a"], f.per_task["b"]  # conv 2*8*16*27=6912, a 2*2*8=32, b 2*5*8=80
+(7024, 6944, 6992)
+"""
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from dataclasses import dataclass
+from typing import Dict, Hashable, Mapping, Optional, Tuple
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .ownership import graph_to_networkx
+from .trace import task_output_nodes
+
+__all__ = ["FlopCount", "count_flops"]
+
+_CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+_CONVT_FUNCS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
+_MATMUL_FUNCS = {torch.matmul, torch.mm, torch.bmm, operator.matmul}
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """per_node: {node name: FLOPs per sample}; per_task: {task: FLOPs its output needs};
+    total: all counted FLOPs; effective_*: the same with masked weights' density applied."""
+
+    per_node: Mapping[str, int]
+    per_task: Mapping[Hashable, int]
+    total: int
+    effective_per_task: Mapping[Hashable, int]
+    effective_total: int
+
+
+def count_flops(gm: fx.GraphModule, example_inputs: Tuple[torch.Tensor, ...]) -> FlopCount:
+    """Propagate shapes on a copy of ``gm`` (never edited) and count FLOPs per sample."""
+    work = copy.deepcopy(gm).eval()
+    with torch.no_grad():
+        ShapeProp(work).propagate(*example_inputs)
+    batch = example_inputs[0].shape[0] if example_inputs and example_inputs[0].dim() else 1
+    per_node: Dict[str, int] = {}
+    effective: Dict[str, float] = {}
+    for node in work.graph.nodes:
+        flops, weight = _node_flops(work, node)
+        if flops:
+            per_node[node.name] = flops // max(batch, 1)
+            effective[node.name] = per_node[node.name] * _density(work, weight)
+    dag = graph_to_networkx(work.graph)
+    per_task, eff_task = {}, {}
+    for task, out in task_output_nodes(work).items():
+        needed = nx.ancestors(dag, out.name) | {out.name}
+        per_task[task] = sum(v for k, v in per_node.items() if k in needed)
+        eff_task[task] = int(round(sum(v for k, v in effective.items() if k in needed)))
+    return FlopCount(per_node=per_node, per_task=per_task, total=sum(per_node.values()),
+                     effective_per_task=eff_task, effective_total=int(round(sum(effective.values()))))
+
+
+def _numel(node) -> int:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return math.prod(meta.shape) if meta is not None and hasattr(meta, "shape") else 0
+
+
+def _shape(node):
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _node_flops(gm: fx.GraphModule, node: fx.Node) -> Tuple[int, Optional[fx.Node]]:
+    """(FLOPs of the whole batch, the node holding the weight or None)."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return 2 * _numel(node) * (m.in_channels // m.groups) * math.prod(m.kernel_size), None
+        if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            inp = node.args[0]
+            return 2 * _numel(inp) * (m.out_channels // m.groups) * math.prod(m.kernel_size), None
+        if isinstance(m, nn.Linear):
+            return 2 * _numel(node) * m.in_features, None
+        return 0, None
+    if node.op != "call_function":
+        return 0, None
+    if node.target in _CONV_FUNCS:
+        w = node.args[1]
+        ws = _shape(w)
+        return (2 * _numel(node) * math.prod(ws[1:]), w) if ws else (0, None)
+    if node.target in _CONVT_FUNCS:
+        w = node.args[1]
+        ws = _shape(w)
+        return (2 * _numel(node.args[0]) * math.prod(ws[1:]), w) if ws else (0, None)
+    if node.target is F.linear:
+        w = node.args[1]
+        ws = _shape(w)
+        return (2 * _numel(node) * ws[-1], w) if ws else (0, None)
+    if node.target in _MATMUL_FUNCS:
+        a = _shape(node.args[0])
+        return (2 * _numel(node) * a[-1], None) if a else (0, None)
+    return 0, None
+
+
+def _density(gm: fx.GraphModule, weight: Optional[fx.Node]) -> float:
+    """Density of a ``w * mask`` weight operand (1.0 for anything else)."""
+    if weight is None or weight.op != "call_function" or weight.target is not operator.mul:
+        return 1.0
+    for arg in weight.args:
+        if isinstance(arg, fx.Node) and arg.op == "get_attr" and str(arg.target).endswith("_mask"):
+            mask = gm.get_buffer(arg.target)
+            return float((mask != 0).float().mean())
+    return 1.0
