@@ -40,16 +40,16 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from .errors import DisparseValueError, UnsupportedOpError
-from .rules import ChannelRule, Labels, describe, lookup_channel_rule
+from .rules import Labels, describe, lookup_channel_rule
 from .rules._types import Const, LazyDim, TensorInfo
 
 __all__ = [
@@ -312,6 +312,20 @@ class RuleContext:
     def value(self, pos: Optional[int], name: Optional[str] = None, default: Any = _MISSING) -> Any:
         """The concrete argument value on the example inputs."""
         return self._get(self._cargs, self._ckwargs, pos, name, default)
+
+    @property
+    def args(self) -> tuple:
+        """The positional arguments as the analysis sees them (TensorInfo / Const / values)."""
+        return self._args
+
+    @property
+    def kwargs(self) -> dict:
+        return self._kwargs
+
+    @property
+    def values(self) -> Tuple[tuple, dict]:
+        """The concrete ``(args, kwargs)`` on the example inputs."""
+        return self._cargs, self._ckwargs
 
     def tensors(self) -> List[TensorInfo]:
         """Every TensorInfo among the (flattened) arguments, in order."""
@@ -766,8 +780,11 @@ def find_channel_groups(
         gm: the traced model; never modified.
         example_inputs: a tuple of positional inputs (a single tensor is accepted too),
             on the model's device. Small inputs suffice: only shapes matter.
-        prunable: ``prunable(name, param) -> bool``; a group that slices a parameter for
-            which it returns False is not removable. Default: every parameter.
+        prunable: ``prunable(name, param) -> bool``; a parameter for which it returns
+            False must keep its shape, so every group that would slice it is fixed (use it
+            for layers to leave alone). Default None: any parameter may be sliced - biases,
+            norm weights and running stats go with their channels, so do not pass an
+            element-level "prunable weights" set here.
 
     Raises :class:`UnsupportedOpError` for an op without a channel rule.
     """

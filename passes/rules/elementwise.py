@@ -64,11 +64,11 @@ def elementwise(ctx) -> Any:
     operands = ctx.tensors()
     if not isinstance(ctx.out, torch.Tensor):
         if isinstance(ctx.out, (int, float, bool)) or ctx.out is None:
-            return ctx.const(*ctx._args, *ctx._kwargs.values())
+            return ctx.const(*ctx.args, *ctx.kwargs.values())
         return None
     out = broadcast_labels(ctx, operands, ctx.out_shape)
     # a channel count used as a tensor operand (x * x.size(1)) cannot follow slimming
-    for a in list(ctx._args) + list(ctx._kwargs.values()):
+    for a in list(ctx.args) + list(ctx.kwargs.values()):
         if isinstance(a, Const) and a.deps is not None:
             ctx.pin(a.deps, f"a channel count is used as a value by {ctx.describe()}")
     return out

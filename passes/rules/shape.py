@@ -146,11 +146,12 @@ def _rearranged(x: TensorInfo, mapping: Sequence[Optional[int]]) -> Labels:
 def _sizes_arg(ctx, start: int, name: str):
     """Size arguments given as ``*sizes`` or as one sequence."""
     if ctx.node.op == "call_method":
-        vals = list(ctx._cargs[start:])
+        cargs, ckwargs = ctx.values
+        vals = list(cargs[start:])
         if len(vals) == 1 and isinstance(vals[0], (tuple, list, torch.Size)):
             vals = list(vals[0])
-        if not vals and name in ctx._ckwargs:
-            vals = list(ctx._ckwargs[name])
+        if not vals and name in ckwargs:
+            vals = list(ckwargs[name])
         return vals
     v = ctx.value(start, name)
     return list(v) if isinstance(v, (tuple, list, torch.Size)) else [v]
