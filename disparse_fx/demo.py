@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .api import compress
-from .config import CompressConfig
+from .config import CRITERIA, GRANULARITIES, CompressConfig
 from .zoo import DEFAULT_TASKS, deeplab_resnet
 
 __all__ = ["DemoOptions", "run_demo", "generated_batches", "default_task_losses"]
@@ -58,6 +58,22 @@ def generated_batches(n: int, batch_size: int, size: int, seed: int) -> List[dic
             "denoise": x,
         })
     return out
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--sparsity", type=float, default=0.9, help="fraction of prunable parameters removed")
+    parser.add_argument("--criterion", choices=CRITERIA, default="snip")
+    parser.add_argument("--granularity", choices=GRANULARITIES, default="element")
+    parser.add_argument("--baseline", action="store_true", help="one score on the summed loss (disentangle=False)")
+    parser.add_argument("--batches", type=int, default=8, help="batches used for importance")
+    parser.add_argument("--size", choices=("tiny", "small", "paper"), default="tiny", help="model size")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_from_args(args, out: TextIO) -> int:
+    return run_demo(DemoOptions(sparsity=args.sparsity, criterion=args.criterion, granularity=args.granularity,
+                                disentangle=not args.baseline, batches=args.batches, size=args.size,
+                                seed=args.seed), out)
 
 
 def run_demo(opts: DemoOptions, out: TextIO) -> int:
