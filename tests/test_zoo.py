@@ -196,3 +196,37 @@ def test_every_torchvision_classifier(name):
     size = model.info.input_size
     out = assert_traces_exactly(model, torch.randn(2, 3, size, size))
     assert {t: tuple(v.shape) for t, v in out.items()} == {"seg": (2, 3, size, size), "cls": (2, 4), "reg": (2, 2)}
+
+
+class _ModeDependentNet(nn.Module):
+    """A classifier whose traced graph depends on the mode (functional dropout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.dropout(self.bn(self.conv(x)).relu(), 0.5, training=self.training)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("build", ["resnet18", "mode_dependent"])
+def test_deepcopy_keeps_mode_and_output(build):
+    import copy
+
+    torch.manual_seed(0)
+    source = "resnet18" if build == "resnet18" else _ModeDependentNet()
+    model = multitask_from_torchvision(source, {"seg": 2, "cls": ("classify", 3)}, input_size=32).eval()
+    # one graph where train and eval trace alike, a graph-swapping trunk where they differ
+    assert (type(model.trunk).__name__ == "DualTrunk") == (build == "mode_dependent")
+    clone = copy.deepcopy(model)
+    assert not any(m.training for m in clone.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = model(x), clone(x)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # train() / eval() switch the trunk's graph where it differs by mode
+    model.train()
+    assert_traces_exactly(model.eval(), x)

@@ -14,7 +14,7 @@ batch (shape propagation). The graph is cut at the first node of the classifier:
 a global pooling or flatten (module, function or method), any node producing a
 batch-first ``(N, C)`` vector, or a node under a
 top-level submodule named like a classifier (``fc``, ``classifier``, ``head``,
-``heads``, ``avgpool``, ``dropout``, ``AuxLogits``, ``aux1``, ``aux2``). Before the
+``heads``, ``avgpool``, ``flatten``, ``AuxLogits``, ``aux1``, ``aux2``). Before the
 cut, the trunk output is the last batch-first 4-D tensor ``(N, C, H, W)``; when a
 3-D tensor ``(N, L, C)`` comes after it (vision transformers: the encoder's
 tokens), the trunk is a *token trunk* and its output is that tensor.
@@ -27,7 +27,14 @@ a square grid dividing the input size).
 
 The trunk is built with ``torchvision.models.feature_extraction.create_feature_extractor``;
 it keeps the backbone's module hierarchy, so parameter names stay readable
-(``trunk.layer4.1.conv2.weight``). The model traces with ``torch.fx.symbolic_trace``.
+(``trunk.layer4.1.conv2.weight``). When the backbone traces alike in train and eval
+mode the trunk is one plain ``GraphModule``; otherwise (swin_*, maxvit_t: functional
+dropout with ``training=self.training``) it keeps both graphs and swaps them on
+``train()`` / ``eval()``, and a deep copy keeps its mode (torchvision's own
+DualGraphModule comes back from ``copy.deepcopy`` in train mode). Inception-v3 and
+GoogLeNet are built with ``aux_logits=False``. The model traces with
+``torch.fx.symbolic_trace``; all 80 classifiers of torchvision 0.29 were checked
+(``tests/test_zoo.py``, marker ``long``).
 """
 from __future__ import annotations
 
@@ -57,7 +64,7 @@ HEAD_KINDS = ("dense", "classify", "regress")
 
 #: Top-level submodule names that belong to a classifier, never to the trunk.
 CLASSIFIER_PREFIXES = frozenset(
-    {"fc", "classifier", "head", "heads", "avgpool", "dropout", "AuxLogits", "aux1", "aux2", "flatten"}
+    {"fc", "classifier", "head", "heads", "avgpool", "AuxLogits", "aux1", "aux2", "flatten"}
 )
 _POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten)
 _POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.flatten}
@@ -282,6 +289,45 @@ class MultiTaskTorchvision(nn.Module):
         return out
 
 
+def _dual_trunk_class():
+    """torchvision's DualGraphModule, except that a deep copy keeps the training mode
+    (torchvision's comes back in train mode whatever the source's mode). Built lazily
+    so that importing this module does not need torchvision."""
+    global _DUAL_TRUNK
+    if _DUAL_TRUNK is None:
+        from torchvision.models.feature_extraction import DualGraphModule
+
+        class DualTrunk(DualGraphModule):
+            def _deepcopy_init(self):
+                return DualGraphModule.__init__
+
+            def __deepcopy__(self, memo):
+                res = super().__deepcopy__(memo)
+                res.train(self.training)
+                return res
+
+        _DUAL_TRUNK = DualTrunk
+    return _DUAL_TRUNK
+
+
+_DUAL_TRUNK = None
+
+
+def _single_graph_trunk(dual: fx.GraphModule, class_name: str) -> fx.GraphModule:
+    """A plain GraphModule when the train and eval graphs are the same code, else a
+    DualTrunk that swaps graphs on ``train()`` / ``eval()``."""
+    train_src = dual.train_graph.python_code("self").src
+    eval_src = dual.eval_graph.python_code("self").src
+    if train_src == eval_src:
+        return fx.GraphModule(dual, dual.eval_graph, class_name=class_name)
+    log.info("%s: train and eval graphs differ; the trunk swaps graphs on train()/eval()", class_name)
+    cls = _dual_trunk_class()
+    trunk = cls.__new__(cls)
+    # DualGraphModule.__init__ renames its class to class_name: keep the name stable.
+    cls.__init__(trunk, dual, dual.train_graph, dual.eval_graph, class_name=cls.__name__)
+    return trunk
+
+
 def multitask_from_torchvision(
     name: Union[str, nn.Module],
     tasks: Mapping[str, Union[TaskHeadSpec, Tuple[str, int], int]],
@@ -327,7 +373,8 @@ def multitask_from_torchvision(
         model = torchvision.models.get_model(name, **model_kwargs)
     size = input_size if input_size is not None else default_input_size(name, model)
     info = find_trunk_output(model, size)
-    trunk = create_feature_extractor(model, return_nodes={info.node: "features"}, suppress_diff_warning=True)
+    dual = create_feature_extractor(model, return_nodes={info.node: "features"}, suppress_diff_warning=True)
+    trunk = _single_graph_trunk(dual, f"{name}_trunk")
     trunk.train(model.training)
     log.debug("%s: trunk ends at %s, %s %s", name, info.node, info.layout, info.shape)
     return MultiTaskTorchvision(trunk, info, tasks, head_width=head_width)
