@@ -87,6 +87,14 @@ def test_regression_errors_by_hand():
     assert math.isnan(regression_errors(torch.ones(2), torch.zeros(2))["rel_err"])
 
 
+class _ModeAware(nn.Dropout):
+    """Keeps state in sync through train(), as torchvision's DualGraphModule does."""
+
+    def train(self, mode=True):
+        self.graph = "train" if mode else "eval"
+        return super().train(mode)
+
+
 class _Fixed(nn.Module):
     """Predicts the targets for seg (one-hot logits) and a constant for depth."""
 
@@ -94,6 +102,7 @@ class _Fixed(nn.Module):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(()))
         self.drop = nn.Dropout(0.5)
+        self.aware = _ModeAware()
 
     def forward(self, x):
         seg = torch.stack([1 - x[:, 0], x[:, 0]], 1) * self.scale
@@ -113,6 +122,7 @@ def test_evaluate_restores_modes_and_uses_no_grad():
         "depth": pytest.approx({"l1": 0.5, "rel_err": 0.5}),
     }
     assert model.training and not model.drop.training and grads == [False]
+    assert model.aware.training and model.aware.graph == "train"
 
 
 def test_evaluate_with_dataset_and_loader(tmp_path):

@@ -221,8 +221,12 @@ def evaluate(
                 for task, meter in meters.items():
                     meter.update(out[task], batch[task].to(device))
     finally:
+        # Pre-order, so a child's own mode wins over its parent's; train() rather than
+        # setting .training keeps modules that override it (torchvision's
+        # DualGraphModule swaps graphs there) consistent.
         for module, mode in modes:
-            module.training = mode
+            if module.training != mode:
+                module.train(mode)
     return {task: meter.compute() for task, meter in meters.items()}
 
 
