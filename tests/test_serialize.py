@@ -1,0 +1,264 @@
+"""save / load: bitwise round trips on the zoo (both granularities, slim models) and
+one clear error per kind of bad file."""
+import json
+import logging
+import zipfile
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import disparse_fx as dfx
+from disparse_fx.serialize import (CorruptFileError, DisallowedCallableError, ForeignFileError, SerializationError,
+                                   UnserializableError, UnsupportedVersionError, load, register_callable, save)
+from passes.trace import trace_model
+
+from .zoo import ZOO, ZOO_BY_NAME, example_input, outputs_by_task
+
+
+def _compress(entry, granularity, **cfg):
+    config = dfx.CompressConfig(sparsity=0.5, granularity=granularity, num_batches=2, progress=False, **cfg)
+    return dfx.compress(entry.build(), entry.task_losses, entry.batches(2), config, inputs=entry.inputs)
+
+
+def _run(model, x):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # dropout in train mode draws the same numbers
+        return outputs_by_task(model(x))
+
+
+def _assert_bitwise(a, b, x):
+    out_a, out_b = _run(a, x), _run(b, x)
+    assert out_a.keys() == out_b.keys()
+    for k in out_a:
+        assert torch.equal(out_a[k], out_b[k]), k
+
+
+def _assert_same_module(a: fx.GraphModule, b: fx.GraphModule):
+    assert type(b).__name__ == type(a).__name__
+    assert b.code == a.code
+    assert [(n, p.shape, p.requires_grad) for n, p in a.named_parameters()] == \
+        [(n, p.shape, p.requires_grad) for n, p in b.named_parameters()]
+    assert [n for n, _ in a.named_buffers()] == [n for n, _ in b.named_buffers()]
+    assert a.state_dict().keys() == b.state_dict().keys()
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    assert [m.training for m in a.modules()] == [m.training for m in b.modules()]
+    b.graph.lint()
+
+
+def _assert_same_plan(p, q):
+    assert q.owners == p.owners and q.tasks == p.tasks and q.prunable == p.prunable
+    assert q.sparsity == p.sparsity and q.keep_ratio == p.keep_ratio and q.batches == p.batches
+    assert q.config == p.config and q.shapes == p.shapes and q.input_specs == p.input_specs
+    assert q.masks.keys() == p.masks.keys() and all(torch.equal(q.masks[k], p.masks[k]) for k in p.masks)
+    for t in p.tasks:
+        for field in ("task_masks", "task_scores"):
+            a, b = getattr(p, field).get(t, {}), getattr(q, field).get(t, {})
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (field, t)
+    assert (p.channels is None) == (q.channels is None)
+    if p.channels is not None:
+        assert q.channels.keep.keys() == p.channels.keep.keys()
+        assert all(torch.equal(q.channels.keep[g], p.channels.keep[g]) for g in p.channels.keep)
+        assert [g.size for g in q.channels.groups.groups] == [g.size for g in p.channels.groups.groups]
+
+
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+@pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.name)
+def test_result_round_trip_is_bitwise(entry, granularity, tmp_path):
+    result = _compress(entry, granularity)
+    path = tmp_path / "result.dfx"
+    save(result, path)
+    back = load(path)
+    assert isinstance(back, dfx.CompressionResult)
+    x = example_input(entry)
+    _assert_same_module(result.model, back.model)
+    _assert_bitwise(result.model, back.model, x)
+    _assert_same_plan(result.plan, back.plan)
+    assert back.summary() == result.summary()
+    # the loaded result is as good as the fresh one: it slims to the same model
+    _assert_bitwise(dfx.slim(result).eval(), dfx.slim(back).eval(), x)
+
+
+@pytest.mark.parametrize("name", ["two_heads_dict", "residual_tuple", "tied_heads"])
+def test_slim_channel_model_round_trip_is_bitwise(name, tmp_path):
+    entry = ZOO_BY_NAME[name]
+    slim = dfx.slim(_compress(entry, "channel"))
+    save(slim, tmp_path / "slim.dfx")
+    back = load(tmp_path / "slim.dfx")
+    assert isinstance(back, fx.GraphModule)
+    _assert_same_module(slim, back)
+    _assert_bitwise(slim, back, example_input(entry))
+    assert sum(p.numel() for p in back.parameters()) < sum(p.numel() for p in entry.build().parameters())
+
+
+def test_loaded_model_trains_and_keeps_ties_and_masks(tmp_path):
+    result = _compress(ZOO_BY_NAME["tied_heads"], "element")
+    save(result, tmp_path / "r.dfx")
+    model = load(tmp_path / "r.dfx").model
+    assert model.head_a.weight is model.head_b.weight  # tied weights stay tied
+    assert {n for n, _ in model.named_buffers()} == {n for n, _ in result.model.named_buffers()}
+    assert any(n.endswith("weight_mask") for n, _ in model.named_buffers())
+    out = model(torch.randn(4, 12))
+    sum(v.sum() for v in out.values()).backward()
+    grad, mask = model.trunk.weight.grad, model.trunk.weight_mask
+    assert grad is not None and bool((grad[mask == 0] == 0).all())
+
+
+def test_filter_fn_is_saved_as_none_with_a_warning(tmp_path, caplog):
+    entry = ZOO_BY_NAME["with_unused"]
+    result = _compress(entry, "element", filter_fn=lambda name, p: name.endswith("weight"))
+    with caplog.at_level(logging.WARNING, logger="disparse_fx.serialize"):
+        save(result, tmp_path / "r.dfx")
+    assert "filter_fn" in caplog.text and "saved as None" in caplog.text
+    back = load(tmp_path / "r.dfx")
+    assert back.plan.config.filter_fn is None and back.plan.prunable == result.plan.prunable
+
+
+# ----------------------------------------------------------------------------- bad files
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("saved") / "slim.dfx"
+    save(dfx.slim(_compress(ZOO_BY_NAME["two_heads_dict"], "channel")), path)
+    return path
+
+
+def _rewrite(src, dst, edit):
+    """Copy the archive, passing each JSON member through ``edit(name, obj) -> obj``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name.endswith(".json"):
+                data = json.dumps(edit(name, json.loads(data))).encode()
+            zout.writestr(name, data)
+    return dst
+
+
+def test_truncated_file(saved, tmp_path):
+    data = saved.read_bytes()
+    (tmp_path / "cut.dfx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptFileError, match="truncated or damaged"):
+        load(tmp_path / "cut.dfx")
+
+
+def test_corrupt_file(saved, tmp_path):
+    data = bytearray(saved.read_bytes())
+    with zipfile.ZipFile(saved) as zf:
+        info = zf.getinfo("disparse_fx/tensors.pt")
+    start = info.header_offset + 30 + len(info.filename) + 200  # inside the stored tensors
+    data[start:start + 64] = bytes(64)
+    (tmp_path / "bad.dfx").write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="tensors.pt is damaged"):
+        load(tmp_path / "bad.dfx")
+    (tmp_path / "junk.dfx").write_bytes(b"not a zip at all" * 10)
+    with pytest.raises(CorruptFileError, match="not a readable disparse_fx file"):
+        load(tmp_path / "junk.dfx")
+
+
+def test_foreign_zip(tmp_path):
+    torch.save(nn.Linear(2, 2), tmp_path / "pickled.pt")  # a torch.save zip: never unpickled
+    with pytest.raises(ForeignFileError, match="not a disparse_fx file"):
+        load(tmp_path / "pickled.pt")
+
+
+def test_newer_format_version(saved, tmp_path):
+    def bump(name, obj):
+        return {**obj, "version": 99} if name.endswith("format.json") else obj
+
+    with pytest.raises(UnsupportedVersionError, match="version 99.*upgrade disparse_fx"):
+        load(_rewrite(saved, tmp_path / "new.dfx", bump))
+
+
+@pytest.mark.parametrize("target, error, message", [
+    ("os.system", DisallowedCallableError, "calls 'os.system', which is not in load\\(\\)'s allow-list"),
+    ("builtins.eval", DisallowedCallableError, "calls 'builtins.eval'"),
+    ("operator.attrgetter", DisallowedCallableError, "calls 'operator.attrgetter'"),
+])
+def test_callable_outside_the_allow_list(saved, tmp_path, target, error, message):
+    def evil(name, obj):
+        if name.endswith("model.json"):
+            node = next(n for n in obj["nodes"] if n["op"] == "call_function")
+            node["target"] = target
+        return obj
+
+    with pytest.raises(error, match=message) as info:
+        load(_rewrite(saved, tmp_path / "evil.dfx", evil))
+    assert isinstance(info.value, dfx.DisparseError)
+
+
+def test_module_class_and_method_outside_the_allow_list(saved, tmp_path):
+    def evil_class(name, obj):
+        if name.endswith("model.json"):
+            obj["modules"][1]["class"] = "subprocess.Popen"
+        return obj
+
+    with pytest.raises(DisallowedCallableError, match="class 'subprocess.Popen'"):
+        load(_rewrite(saved, tmp_path / "a.dfx", evil_class))
+
+    def evil_getattr(name, obj):
+        if name.endswith("model.json"):
+            node = next(n for n in obj["nodes"] if n["op"] == "call_function")
+            node["target"] = "builtins.getattr"
+            node["args"] = {"$tuple": [node["args"]["$tuple"][0], "__class__"]}
+        return obj
+
+    with pytest.raises(DisallowedCallableError, match="public attribute names only"):
+        load(_rewrite(saved, tmp_path / "b.dfx", evil_getattr))
+
+
+def test_save_refuses_code_it_would_have_to_pickle(tmp_path):
+    class Custom(nn.Module):
+        def forward(self, x):
+            return x + 1
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+            self.custom = Custom()
+
+        def forward(self, x):
+            return {"y": self.custom(self.fc(x))}
+
+    class Leafy(fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return isinstance(m, Custom) or super().is_leaf_module(m, name)
+
+    net = Net()
+    gm = fx.GraphModule(net, Leafy().trace(net))
+    with pytest.raises(UnserializableError, match="is not a torch.nn built-in module") as info:
+        save(gm, tmp_path / "x.dfx")
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(UnserializableError, match="expects an fx.GraphModule"):
+        save(net, tmp_path / "x.dfx")
+    with pytest.raises(SerializationError, match="no such file"):
+        load(tmp_path / "missing.dfx")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_register_callable_extends_the_allow_list(tmp_path):
+    def double(x):
+        return x * 2
+
+    gm = fx.GraphModule(nn.Module(), fx.Graph())
+    x = gm.graph.placeholder("x")
+    gm.graph.output({"y": gm.graph.call_function(double, (x,))})
+    gm.recompile()
+    with pytest.raises(UnserializableError, match="register_callable"):
+        save(gm, tmp_path / "d.dfx")
+    register_callable(double, "tests.double")
+    save(gm, tmp_path / "d.dfx")
+    assert torch.equal(load(tmp_path / "d.dfx")(torch.ones(2))["y"], torch.full((2,), 2.0))
+
+
+def test_traced_torchvision_style_graph_round_trips(tmp_path):
+    """getattr / getitem / interpolate nodes, BatchNorm buffers, eval mode."""
+    from disparse_fx.zoo import deeplab_resnet, DEFAULT_TASKS
+
+    model = deeplab_resnet(DEFAULT_TASKS, size="tiny").eval()
+    gm = trace_model(model)
+    save(gm, tmp_path / "deeplab.dfx")
+    back = load(tmp_path / "deeplab.dfx")
+    _assert_same_module(gm, back)
+    _assert_bitwise(gm, back, torch.randn(2, 3, 32, 32))
