@@ -213,9 +213,11 @@ def _slice_members(gm: fx.GraphModule, groups: ChannelGroups, flat: torch.Tensor
         if not changed:
             continue
         new_t = new_t.clone()
-        for mod, attr, is_param in owners.get(id(t), []):
+        if isinstance(t, nn.Parameter):
+            new_t = nn.Parameter(new_t, requires_grad=t.requires_grad)
+        for mod, attr, is_param in owners.get(id(t), []):  # tied weights stay tied
             if is_param:
-                mod._parameters[attr] = nn.Parameter(new_t, requires_grad=t.requires_grad)
+                mod._parameters[attr] = new_t
             else:
                 mod._buffers[attr] = new_t
 

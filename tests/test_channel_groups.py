@@ -258,3 +258,31 @@ def test_element_masked_model_from_insert_masks_is_analysed_and_slimmed():
     assert any(m.param_name == "b1.0.0.weight_mask" and m.dim == 0 for m in g.members)
     slim = slim_channels(masked, groups, random_keep(groups))
     assert slim.get_buffer("b1.0.0.weight_mask").shape == slim.get_parameter("b1.0.0.weight").shape
+
+
+class Reused(nn.Module):
+    """One conv applied at two depths and a weight tied between two heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.shared = nn.Conv2d(6, 6, 3, padding=1)
+        self.a, self.b = nn.Conv2d(6, 2, 1), nn.Conv2d(6, 2, 1)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        h = self.stem(x).relu()
+        h2 = self.shared(self.shared(h).relu()).relu()
+        return {"a": self.a(h), "b": self.b(h2)}
+
+
+def test_reused_modules_and_tied_weights():
+    gm = trace_model(Reused())
+    x = torch.randn(2, 3, 8, 8)
+    groups = find_channel_groups(gm, (x,))
+    (g, _), = member(groups, "stem.weight", 0)
+    # shared's input and output channels are one (it reads its own output), and so is stem's
+    assert {("shared.weight", 0), ("shared.weight", 1), ("a.weight", 1)} <= {(m.param_name, m.dim) for m in g.members}
+    assert not any(m.param_name == "b.weight" for gg in groups.groups for m in gg.members)  # tied: one name
+    slim = slim_channels(gm, groups, {g.id: torch.tensor([True, False, True, True, False, True])})
+    assert slim.b.weight is slim.a.weight and slim.a.weight.shape == (2, 4, 1, 1)
