@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, strategies as st
 
 import disparse_fx as dfx
+from disparse_fx.data import default_task_losses
 from disparse_fx.zoo import DEFAULT_TASKS, deeplab_resnet
-from disparse_fx.demo import default_task_losses, generated_batches
 
 from .zoo import ZOO, example_input, outputs_by_task
 
@@ -79,7 +79,12 @@ def test_head_channels_follow_their_task_alone():
 def test_target_within_one_point_on_the_zoo_model(sparsity):
     torch.manual_seed(0)
     model = deeplab_resnet(DEFAULT_TASKS, size="tiny")
-    data = generated_batches(2, 4, 32, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input": torch.rand(4, 3, 32, 32, generator=gen),
+             "edge": (torch.rand(4, 1, 32, 32, generator=gen) > 0.9).float(),
+             "keypoint": torch.rand(4, 1, 32, 32, generator=gen),
+             "segment": torch.randint(0, DEFAULT_TASKS["segment"][1], (4, 32, 32), generator=gen),
+             "denoise": torch.rand(4, 3, 32, 32, generator=gen)} for _ in range(2)]
     result = dfx.compress(model, default_task_losses(), data, dfx.CompressConfig(
         sparsity=sparsity, granularity="channel", num_batches=2, progress=False))
     assert abs(result.plan.sparsity - sparsity) <= 0.01

@@ -11,10 +11,16 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "disparse_fx", *args], capture_output=True, text=True, timeout=600)
 
 
-def test_demo_fast_mode(capsys):
-    assert main(["demo", "--batches", "1", "--sparsity", "0.5"]) == 0
+def test_demo_fast_mode(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISPARSE_FX_CACHE", str(tmp_path / "cache"))
+    assert main(["demo", "--fast", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    assert "achieved sparsity 0.5" in out and "backbone" in out
+    for row in ("parameters", "FLOPs / image", "CPU latency, onnxruntime, batch 8", "segment miou", "Delta_T"):
+        assert row in out
+    assert (tmp_path / "demo" / "slim.onnx").exists() and (tmp_path / "demo" / "summary.md").exists()
+    # the second run loads the cached dense checkpoint instead of training again
+    assert main(["demo", "--fast", "--out", str(tmp_path / "demo")]) == 0
+    assert "loaded the cached checkpoint" in capsys.readouterr().out
 
 
 def test_help_and_usage_errors():
