@@ -1,0 +1,85 @@
+"""report / write_report: per-layer shapes before -> after, parameter and FLOP totals
+per task, and a report folder with the overlap plot and the graph drawing."""
+import pytest
+import torch
+
+import disparse_fx as dfx
+from disparse_fx.report import report, summary_table, write_report
+from passes.flops import count_flops
+
+from .zoo import ZOO_BY_NAME, example_input
+
+
+def _compress(name, granularity):
+    entry = ZOO_BY_NAME[name]
+    config = dfx.CompressConfig(sparsity=0.5, granularity=granularity, num_batches=2, progress=False)
+    return entry, dfx.compress(entry.build(), entry.task_losses, entry.batches(2), config, inputs=entry.inputs)
+
+
+def _row(text, first_cell):
+    line = next(l for l in text.splitlines() if l.startswith(f"| {first_cell} "))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+def test_report_shapes_params_and_flops(granularity):
+    entry, result = _compress("mid_trunk_branch", granularity)
+    x = example_input(entry)
+    slim = dfx.slim(result, (x,))
+    text = report(result, example_inputs=x, slim_model=slim)
+    after = dict(slim.named_parameters())
+    for name, p in result.model.named_parameters():
+        row = _row(text, name)
+        assert row[2] == f"{'x'.join(map(str, p.shape))} -> {'x'.join(map(str, after[name].shape))}"
+        assert row[1] == ("shared(early,late)" if len(result.plan.owners[name]) > 1 else
+                          next(iter(result.plan.owners[name])))
+        if name in result.plan.masks:
+            assert row[-1] == f"{result.plan.density(name):.3f}"
+    # totals: parameters and FLOPs before -> after, per task and overall
+    before_f, after_f = count_flops(result.model, (x,)), count_flops(slim, (x,))
+    overall = _row(text, "overall")
+    n_before = sum(p.numel() for p in result.model.parameters())
+    n_after = sum(p.numel() for p in slim.parameters())
+    assert overall[1].startswith(f"{n_before:,} -> {n_after:,}")
+    flops_cell = overall[3] if granularity == "element" else overall[2]
+    assert flops_cell.startswith(f"{before_f.total:,} -> {after_f.total:,}")
+    early = _row(text, "task early")
+    early_params = [p for p, o in result.plan.owners.items() if "early" in o]
+    assert early[1].startswith(f"{sum(result.model.get_parameter(p).numel() for p in early_params):,} -> ")
+    assert any(c.startswith(f"{before_f.per_task['early']:,} -> {after_f.per_task['early']:,}") for c in early)
+    if granularity == "element":
+        assert "effective FLOPs (masked)" in text
+        assert overall[4].startswith(f"{before_f.total:,} -> {before_f.effective_total:,}")
+        assert before_f.effective_total < after_f.total <= before_f.total  # emptied channels go
+    else:
+        assert after_f.total < before_f.total and n_after < n_before
+        assert "effective" not in text
+    assert "FLOPs per sample" in text and "not counted" in text
+
+
+def test_report_defaults_and_summary_unchanged():
+    _, result = _compress("tied_heads", "channel")
+    text = report(result, tablefmt="plain")  # slim and example inputs computed from the plan
+    assert "head_a.weight" in text and "overall" in text and "|" not in text
+    assert result.summary() == summary_table(result.plan)
+
+
+@pytest.mark.parametrize("fmt", ["md", "html"])
+def test_write_report_folder(fmt, tmp_path):
+    _, result = _compress("two_heads_dict", "element")
+    paths = write_report(result, tmp_path / "out", format=fmt)
+    assert set(paths) == {"report", "overlap_plot", "graph_svg", "graph_png"}
+    assert all(p.parent == tmp_path / "out" and p.stat().st_size > 0 for p in paths.values())
+    assert paths["report"].name == f"report.{fmt}"
+    text = paths["report"].read_text()
+    assert "stem.weight" in text and "IoU" in text and "watershed" in text
+    if fmt == "md":
+        assert "![graph](graph.svg)" in text and "![mask overlap](overlap.png)" in text and "| task seg " in text
+    else:
+        assert text.startswith("<!DOCTYPE html>") and '<img src="graph.svg"' in text and "<table>" in text
+
+
+def test_write_report_rejects_unknown_format(tmp_path):
+    _, result = _compress("with_unused", "element")
+    with pytest.raises(dfx.DisparseValueError, match="format must be 'md' or 'html'"):
+        write_report(result, tmp_path, format="pdf")
