@@ -34,6 +34,7 @@ from passes.trace import trace_model
 
 from .api import compress, slim
 from .config import CRITERIA, GRANULARITIES, CompressConfig
+from .errors import DisparseValueError
 from .data import HIGHER_IS_BETTER, TASK_METRICS, cache_dir, default_task_losses, delta_t, evaluate, make_splits
 from .export import export_onnx
 from .latency import interleaved_latency, onnxruntime_runner, torch_runner
@@ -111,6 +112,13 @@ def run_demo(opts: DemoOptions, out: TextIO) -> int:
         print(msg, file=out, flush=True)
 
     t_start = time.perf_counter()
+    # validate every option before minutes of data building and training
+    config = CompressConfig(sparsity=opts.sparsity, criterion=opts.criterion, granularity=opts.granularity,
+                            disentangle=opts.disentangle, num_batches=opts.importance_batches, seed=opts.seed,
+                            allow_fewer_batches=True)
+    for name in ("dense_steps", "finetune_steps"):
+        if getattr(opts, name) < 1:
+            raise DisparseValueError(f"demo --{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
     folder = Path(opts.out)
     folder.mkdir(parents=True, exist_ok=True)
     n = dict(n_train=32, n_val=8, n_test=16) if opts.fast else dict(n_train=512, n_val=64, n_test=128)
@@ -129,9 +137,6 @@ def run_demo(opts: DemoOptions, out: TextIO) -> int:
     train_dense(dense, train, opts.dense_steps, opts.lr, opts.seed, cache_dir() / f"demo-dense-{key}.pt", say)
     dense.eval()
 
-    config = CompressConfig(sparsity=opts.sparsity, criterion=opts.criterion, granularity=opts.granularity,
-                            disentangle=opts.disentangle, num_batches=opts.importance_batches, seed=opts.seed,
-                            allow_fewer_batches=True)
     t0 = time.perf_counter()
     result = compress(dense, losses, train, config)
     say(f"compress: {opts.granularity} granularity, criterion {opts.criterion}, "

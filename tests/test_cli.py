@@ -36,6 +36,11 @@ def test_failure_is_one_line_exit_1():
     assert res.stderr.strip() == "disparse-fx: error: CompressConfig.sparsity must be a number in [0, 1), got 1.5"
 
 
+def test_bad_demo_option_fails_before_any_work():
+    res = run_cli("demo", "--dense-steps", "0")
+    assert res.returncode == 1 and res.stderr.strip() == "disparse-fx: error: demo --dense-steps must be >= 1, got 0"
+
+
 @pytest.mark.parametrize("flag", ["--debug"])
 def test_debug_shows_traceback(flag):
     res = run_cli(flag, "demo", "--sparsity", "1.5")
