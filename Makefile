@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(VPY) -m pytest -q -n 2 --dist loadfile
 
 test-all: $(STAMP)
-	$(VPY) -m pytest -q -n 2 --dist loadfile -m ""
+	HYPOTHESIS_PROFILE=long $(VPY) -m pytest -q -n 2 --dist loadfile -m ""
 
 clean:
 	rm -rf $(VENV) build *.egg-info
