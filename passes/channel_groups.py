@@ -11,7 +11,8 @@ channel-mask pass puts its masks). Every consumer of every tensor is followed, s
 heads of a multitask model take part.
 
 The result is frozen data; the GraphModule is never modified (its modules run once in
-eval mode under ``torch.no_grad`` and get their training flags back).
+eval mode under ``torch.no_grad``, on fake tensors where possible, and get their
+training flags back).
 
 >>> import torch, torch.nn as nn
 >>> class Net(nn.Module):
@@ -449,6 +450,7 @@ class _Analysis(fx.Interpreter):
         self.contractions: List[Tuple[str, str, int, Optional[Tuple[str, int]]]] = []
         self.infos: Dict[fx.Node, Any] = {}
         self.input_specs: List[Any] = []
+        self.fake_mode: Any = None
         # canonical names of parameters and buffers (tied weights share one name)
         self.tensors: Dict[str, torch.Tensor] = {}
         self.alias: Dict[str, str] = {}
@@ -507,7 +509,11 @@ class _Analysis(fx.Interpreter):
 
     # -- interpretation
     def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
+        if self.fake_mode is not None:
+            with self.fake_mode:  # only the op runs on fake tensors; rules use real ones
+                result = super().run_node(n)
+        else:
+            result = super().run_node(n)
         try:
             self.infos[n] = self._analyse(n, result)
         except UnsupportedOpError:
@@ -768,11 +774,27 @@ class _Analysis(fx.Interpreter):
         )
 
 
+def _run(gm: fx.GraphModule, example_inputs: tuple, *, fake: bool) -> "_Analysis":
+    analysis = _Analysis(gm)
+    with torch.no_grad():
+        if not fake:
+            analysis.run(*example_inputs)
+            return analysis
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        analysis.fake_mode = mode
+        inputs = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs)
+        analysis.run(*inputs)
+    return analysis
+
+
 def find_channel_groups(
     gm: fx.GraphModule,
     example_inputs: Any,
     *,
     prunable: Optional[Callable[[str, nn.Parameter], bool]] = None,
+    fake_tensors: bool = True,
 ) -> ChannelGroups:
     """Find the channel groups of ``gm`` (see the module docstring).
 
@@ -785,6 +807,8 @@ def find_channel_groups(
             for layers to leave alone). Default None: any parameter may be sliced - biases,
             norm weights and running stats go with their channels, so do not pass an
             element-level "prunable weights" set here.
+        fake_tensors: propagate shapes with fake tensors (no arithmetic, fast); if an op
+            cannot run on fake tensors, the model runs for real (in eval mode, no grad).
 
     Raises :class:`UnsupportedOpError` for an op without a channel rule.
     """
@@ -792,12 +816,20 @@ def find_channel_groups(
         raise DisparseValueError(f"find_channel_groups expects an fx.GraphModule, got {type(gm).__name__}")
     if not isinstance(example_inputs, tuple):
         example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
-    analysis = _Analysis(gm)
     modes = [(m, m.training) for m in gm.modules()]
     try:
         gm.eval()
-        with torch.no_grad():
-            analysis.run(*example_inputs)
+        analysis = None
+        if fake_tensors:
+            try:
+                analysis = _run(gm, example_inputs, fake=True)
+            except UnsupportedOpError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - an op fake tensors cannot run: run for real
+                log.debug("fake-tensor shape propagation failed (%s: %s); running the model",
+                          type(exc).__name__, exc)
+        if analysis is None:
+            analysis = _run(gm, example_inputs, fake=False)
     finally:
         for m, mode in modes:
             m.training = mode
