@@ -286,3 +286,13 @@ def test_reused_modules_and_tied_weights():
     assert not any(m.param_name == "b.weight" for gg in groups.groups for m in gg.members)  # tied: one name
     slim = slim_channels(gm, groups, {g.id: torch.tensor([True, False, True, True, False, True])})
     assert slim.b.weight is slim.a.weight and slim.a.weight.shape == (2, 4, 1, 1)
+
+
+def test_fake_and_real_shape_propagation_agree():
+    model, x = build("shuffle")
+    gm = trace_model(model)
+    fake = find_channel_groups(gm, (x,))
+    real = find_channel_groups(gm, (x,), fake_tensors=False)
+    assert summary(fake) == summary(real)
+    assert [c.__dict__ for c in fake.contractions] == [c.__dict__ for c in real.contractions]
+    assert fake.input_specs == real.input_specs
