@@ -254,7 +254,8 @@ class FlattenNet(nn.Module):
 
 class MultiDepthNet(nn.Module):
     """Heads branching at three depths; a head's features pass a residual with a
-    per-channel learnable scale (ConvNeXt layer-scale style) and a matmul head."""
+    per-channel learnable scale (ConvNeXt layer-scale style), a matmul head and a spatial
+    attention map that sums over channels (masked in front of the sum)."""
 
     def __init__(self, w: int = 8):
         super().__init__()
@@ -268,6 +269,7 @@ class MultiDepthNet(nn.Module):
 
     def forward(self, x):
         a = self.s1(x)
+        a = a * torch.sigmoid(a.sum(1, keepdim=True))  # spatial attention: a sum over channels
         b = self.s2(a)
         c = b + self.gamma * self.s3(b)
         feats = c.mean((2, 3))

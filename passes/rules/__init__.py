@@ -49,6 +49,8 @@ The ``ctx`` object (:class:`passes.channel_groups.RuleContext`) offers:
 ``ctx.module``                      the called submodule (``call_module`` only)
 ``ctx.arg(pos, name)``              an argument: ``TensorInfo`` for tensors, else the value
 ``ctx.value(pos, name)``            the concrete argument value (ints, tuples, tensors)
+``ctx.args`` / ``ctx.kwargs``       all arguments as the analysis sees them
+``ctx.tensors()``                   every TensorInfo among the arguments
 ``ctx.out``                         the node's concrete output (from shape propagation)
 ``ctx.labels(x, dim)``              atoms of ``x`` along ``dim`` or ``None`` (no channels)
 ``ctx.param(name, dim, link=)``     atoms of a parameter/buffer dim; records a member
