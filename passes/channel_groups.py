@@ -153,6 +153,10 @@ class ChannelGroups:
     param_shapes: Mapping[str, Tuple[int, ...]]
     buffers: FrozenSet[str] = frozenset()
 
+    def __repr__(self) -> str:
+        return (f"ChannelGroups({len(self.groups)} groups, {len(self.removable_groups())} removable, "
+                f"{self.num_channels} channels)")
+
     # ---------------------------------------------------------------- conveniences
     @property
     def num_channels(self) -> int:
