@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
@@ -187,6 +188,8 @@ class ChannelGroups:
         """
         flat = torch.ones(self.num_channels, dtype=torch.bool)
         for gid, k in keep.items():
+            if isinstance(gid, numbers.Integral) and not isinstance(gid, bool):
+                gid = int(gid)
             if not isinstance(gid, int) or not 0 <= gid < len(self.groups):
                 raise DisparseValueError(
                     f"keep has an unknown group id {gid!r}; expected ints in [0, {len(self.groups)})")
