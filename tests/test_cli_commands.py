@@ -1,0 +1,107 @@
+"""The inspect / compress / slim / export / report subcommands: each run once in a
+subprocess on a small model factory (tests/cli_models.py); help, usage errors and
+--debug in-process (each subprocess imports torch, which is slow on 2 cores)."""
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import disparse_fx as dfx
+from disparse_fx.cli import main
+from disparse_fx.serialize import SerializationError, load
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODEL, DATA = "tests.cli_models:small_model", "tests.cli_models:small_data"
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "disparse_fx", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+
+
+def _ok(res):
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_compress_slim_export_report_pipeline(tmp_path):
+    result, slim, onnx, folder = tmp_path / "r.dfx", tmp_path / "s.dfx", tmp_path / "s.onnx", tmp_path / "report"
+    out = _ok(run_cli("compress", MODEL, "--data", DATA, "--granularity", "channel", "--num-batches", "2",
+                      "--out", result))
+    assert "| stem.weight" in out and f"result saved to {result}" in out
+    assert isinstance(load(result), dfx.CompressionResult)
+
+    out = _ok(run_cli("slim", result, "--out", slim))
+    assert "887 -> " in out and "parameters" in out
+    slim_model = load(slim)
+    assert sum(p.numel() for p in slim_model.parameters()) < 887
+
+    out = _ok(run_cli("export", slim, "--out", onnx))  # input shape recorded by `slim`
+    assert "output seg: max |onnxruntime - torch|" in out and "output cls:" in out
+    assert f"{onnx.stat().st_size:,} bytes" in out
+
+    out = _ok(run_cli("report", result, "--out", folder))
+    assert sorted(p.name for p in folder.iterdir()) == ["graph.png", "graph.svg", "overlap.png", "report.md"]
+    assert "| task seg " in (folder / "report.md").read_text()
+    assert f"report: {folder / 'report.md'}" in out
+
+
+def test_inspect(tmp_path):
+    out = _ok(run_cli("inspect", MODEL, "--input-shape", "1,3,8,8", "--sparsity", "0.3"))
+    lines = out.splitlines()
+    row = next(l for l in lines if l.startswith("| stem.weight"))
+    assert "shared(seg,cls)" in row and "| shared " in row and "| yes" in row
+    assert "task-specific" in next(l for l in lines if l.startswith("| seg.weight"))
+    assert "6 shared, 4 task-specific, 0 unused parameters" in out
+    assert "def forward(self, x):" in out and "weight_mask" in out and "return {'seg'" in out
+
+
+def test_failure_is_one_line_exit_1(tmp_path):
+    res = run_cli("slim", tmp_path / "missing.dfx", "--out", tmp_path / "x.dfx")
+    assert res.returncode == 1
+    assert res.stderr.strip() == f"disparse-fx: error: '{tmp_path / 'missing.dfx'}': no such file"
+
+
+@pytest.mark.parametrize("command, option", [("inspect", "--input-shape"), ("compress", "--num-batches"),
+                                             ("slim", "--out"), ("export", "--opset"), ("report", "--format")])
+def test_help(command, option, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0 and option in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["inspect", "nomodule"], "expected package.module:factory"),
+    (["inspect", MODEL, "--input-shape", "1,x"], "expected positive integers"),
+    (["slim", "r.dfx"], "the following arguments are required: --out"),
+    (["compress", MODEL, "--out", "r.dfx"], "compress MODEL needs --data"),
+    (["report", "r.dfx", "--out", "f", "--format", "pdf"], "invalid choice: 'pdf'"),
+])
+def test_usage_errors_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_in_process_failures_and_debug(tmp_path, capsys):
+    assert main(["inspect", "tests.cli_models:not_a_model"]) == 1
+    assert capsys.readouterr().err.strip() == ("disparse-fx: error: MODEL 'tests.cli_models:not_a_model' returned "
+                                               "int, expected an nn.Module")
+    assert main(["inspect", "tests.no_such_module:f"]) == 1
+    assert "cannot import 'tests.no_such_module'" in capsys.readouterr().err
+    (tmp_path / "junk.dfx").write_bytes(b"junk")
+    assert main(["report", str(tmp_path / "junk.dfx"), "--out", str(tmp_path / "f")]) == 1
+    assert "not a readable disparse_fx file" in capsys.readouterr().err
+    with pytest.raises(SerializationError):
+        main(["--debug", "slim", str(tmp_path / "junk.dfx"), "--out", str(tmp_path / "s.dfx")])
+
+
+def test_compress_data_free_with_input_shape(tmp_path, capsys):
+    assert main(["compress", MODEL, "--criterion", "magnitude", "--input-shape", "2,3,8,8", "--num-batches", "1",
+                 "--out", str(tmp_path / "r.dfx")]) == 0
+    result = load(tmp_path / "r.dfx")
+    assert result.plan.config.criterion == "magnitude" and result.plan.input_specs[0][0] == (2, 3, 8, 8)
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "r.dfx"), "--out", str(tmp_path / "m.onnx")]) == 0  # a masked model
+    assert "output cls" in capsys.readouterr().out
