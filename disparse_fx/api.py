@@ -21,9 +21,8 @@ from passes.trace import trace_model
 from .channel_decision import decide_channels
 from .config import CompressConfig
 from .decision import decide
-from .errors import (DisparseValueError, InputError, NoPrunableParametersError, NotEnoughBatchesError,
-                     TaskMismatchError)
-from .importance import default_inputs, estimate_importance
+from .errors import DisparseValueError, NoPrunableParametersError, NotEnoughBatchesError, TaskMismatchError
+from .importance import default_inputs, estimate_importance, model_inputs
 from .plan import Plan
 from .result import CompressionResult
 
@@ -74,7 +73,7 @@ def compress(
     prunable = _select_prunable(gm, model, ownership.owners, config)
     inputs = inputs or default_inputs
     first, data = _peek(data)
-    example = _example_inputs(inputs, first)
+    example = None if first is None else model_inputs(inputs, first, 0)
     groups = None
     if config.granularity == "channel":
         if example is None:
@@ -167,18 +166,6 @@ def _peek(data: Iterable):
     except StopIteration:
         return None, []
     return first, itertools.chain([first], it)
-
-
-def _example_inputs(inputs, batch):
-    if batch is None:
-        return None
-    try:
-        args = inputs(batch)
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"inputs(batch) raised {type(exc).__name__}: {exc} on batch 0") from exc
-    return args if isinstance(args, tuple) else (args,)
 
 
 def _input_specs(example):

@@ -39,7 +39,7 @@ from . import distributed
 from .config import CompressConfig
 from .errors import InputError, LossError, NotEnoughBatchesError, ZeroGradientError
 
-__all__ = ["TaskScores", "estimate_importance", "default_inputs", "SUMMED"]
+__all__ = ["TaskScores", "estimate_importance", "default_inputs", "model_inputs", "SUMMED"]
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +175,19 @@ def _gm_names(gm: fx.GraphModule, params: Mapping[str, nn.Parameter]) -> Dict[st
     return {canon: by_id[id(p)] for canon, p in params.items()}
 
 
-def _forward(gm, leaves, names_in_gm, buffers, batch, inputs, index):
+def model_inputs(inputs: Callable[[Any], Any], batch: Any, index: int) -> tuple:
+    """``inputs(batch)`` as a tuple of positional inputs; InputError if it raises."""
     try:
         args = inputs(batch)
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"inputs(batch) raised {type(exc).__name__}: {exc} on batch {index}") from exc
-    args = args if isinstance(args, tuple) else (args,)
+    return args if isinstance(args, tuple) else (args,)
+
+
+def _forward(gm, leaves, names_in_gm, buffers, batch, inputs, index):
+    args = model_inputs(inputs, batch, index)
     tensors = {names_in_gm[p]: t for p, t in leaves.items()}
     try:
         return torch.func.functional_call(gm, (tensors, buffers), args, strict=False)
