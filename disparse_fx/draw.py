@@ -100,7 +100,10 @@ def draw(result_or_graph: Any, path: Union[str, pathlib.Path, Sequence[Union[str
         if slim_model is None:
             from .api import slim
 
-            slim_model = slim(result_or_graph)
+            try:
+                slim_model = slim(result_or_graph)
+            except DisparseValueError as exc:  # e.g. no example inputs recorded: draw without widths after
+                log.warning("draw: no widths after slimming (%s); pass slim_model=dfx.slim(result, inputs)", exc)
         tasks = tuple(result_or_graph.plan.tasks)
     elif isinstance(result_or_graph, fx.GraphModule):
         gm = result_or_graph

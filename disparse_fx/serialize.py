@@ -21,7 +21,10 @@ library's graph functions (``channel_mask``) and whatever
 (or types given to :func:`register_module_type`); a module the graph never calls (a
 container such as a user's ``Bottleneck``) comes back as a plain ``nn.Module`` holding
 the same children, parameters and buffers. ``call_method`` names must be public
-``torch.Tensor`` methods, and ``getattr`` nodes must read a public attribute.
+``torch.Tensor`` methods (minus those taking a callable), ``getattr`` nodes must read a
+public attribute, ``get_attr`` / ``call_module`` targets must walk the module tree
+(submodules, parameters, buffers, tensor constants) and ``functional_call`` must call a
+module of the model: a crafted file cannot reach ``__class__``, globals or the OS.
 
 Loaded models compute bitwise what the saved ones computed: the same graph (node names,
 targets, arguments), the same tensors, the same parameter and buffer names and order,
@@ -423,8 +426,13 @@ def _encode_graph_module(gm: fx.GraphModule, tensors: Dict[str, torch.Tensor]) -
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     attr_modules = set()
     for n in gm.graph.nodes:
-        if n.op == "get_attr" and isinstance(_resolve_path(gm, n.target, n), nn.Module):
-            attr_modules.add(n.target)
+        if n.op in ("get_attr", "call_module"):
+            try:
+                obj = _resolve_path(gm, n.target, n)
+            except CorruptFileError as exc:
+                raise UnserializableError(str(exc)) from None
+            if n.op == "get_attr" and isinstance(obj, nn.Module):
+                attr_modules.add(n.target)
     modules = []
     for path, mod in gm.named_modules(remove_duplicate=False):
         modules.append(_encode_module(path, mod, enc, must_exist=path in called or path in attr_modules))
@@ -488,13 +496,29 @@ def _target_str(n: fx.Node) -> str:
 
 
 def _resolve_path(root: nn.Module, path: str, node: Optional[fx.Node] = None) -> Any:
+    """The submodule, parameter, buffer or tensor constant at ``path``, walking the module
+    tree only (never arbitrary attributes: ``__class__`` and the like are not reachable)."""
     obj: Any = root
-    for part in path.split(".") if path else []:
-        if not hasattr(obj, part):
+    parts = path.split(".") if path else []
+    for i, part in enumerate(parts):
+        found = _MISSING
+        if isinstance(obj, nn.Module):
+            for table in (obj._modules, obj._parameters, obj._buffers):
+                if part in table:
+                    found = table[part]
+                    break
+            else:
+                if isinstance(obj.__dict__.get(part), torch.Tensor):
+                    found = obj.__dict__[part]
+        if found is _MISSING or (i < len(parts) - 1 and not isinstance(found, nn.Module)):
             what = f"graph node '{node.name}' ({node.op} {path})" if node is not None else repr(path)
-            raise CorruptFileError(f"{what} names '{path}', which the module tree does not hold")
-        obj = getattr(obj, part)
+            raise CorruptFileError(f"{what} names '{path}', which is not a submodule, parameter, buffer or tensor "
+                                   f"constant of the module tree")
+        obj = found
     return obj
+
+
+_MISSING = object()
 
 
 def _encode_module(path: str, mod: nn.Module, enc: _Encoder, *, must_exist: bool) -> Dict[str, Any]:
@@ -619,6 +643,10 @@ def _decode_graph(nodes: List[Mapping[str, Any]], gm: fx.GraphModule,
             raise CorruptFileError(f"{where}: unknown node op {op!r}")
         args = dec(spec["args"])
         kwargs = dec(spec["kwargs"])
+        if target is torch.func.functional_call and not (
+                args and isinstance(args[0], fx.Node) and args[0].op == "get_attr"
+                and isinstance(_resolve_path(gm, args[0].target), nn.Module)):
+            raise DisallowedCallableError(f"{where}: functional_call must call a module of the model")
         if target is getattr and (len(args) < 2 or not isinstance(args[1], str) or args[1].startswith("_")):
             raise DisallowedCallableError(f"{where} reads attribute {args[1:2]!r}; load() allows getattr of "
                                           f"public attribute names only")

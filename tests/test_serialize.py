@@ -262,3 +262,14 @@ def test_traced_torchvision_style_graph_round_trips(tmp_path):
     back = load(tmp_path / "deeplab.dfx")
     _assert_same_module(gm, back)
     _assert_bitwise(gm, back, torch.randn(2, 3, 32, 32))
+
+
+def test_crafted_attribute_paths_are_refused(saved, tmp_path):
+    def evil(name, obj):
+        if name.endswith("model.json"):
+            node = next(n for n in obj["nodes"] if n["op"] == "get_attr" or n["op"] == "call_module")
+            node["op"], node["target"] = "get_attr", "stem.__class__.__init__.__globals__"
+        return obj
+
+    with pytest.raises(CorruptFileError, match="not a submodule, parameter, buffer or tensor constant"):
+        load(_rewrite(saved, tmp_path / "c.dfx", evil))
