@@ -17,6 +17,22 @@ take the module path of their ``nn_module_stack`` (recorded by the tracer), else
 weight they read, else of their first input. A collapsed box shows the output width of
 its last conv / linear. Boxes are laid out left to right by topological generation
 (``networkx.topological_generations``).
+
+>>> import os, tempfile, torch.nn as nn
+>>> from passes.trace import trace_model
+>>> class Net(nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.trunk, self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 2, 1), nn.Linear(8, 3)
+...     def forward(self, x):
+...         h = self.trunk(x).relu()
+...         return {"a": self.a(h), "b": self.b(h.mean((2, 3)))}
+>>> d = draw(trace_model(Net()), os.path.join(tempfile.mkdtemp(), "net.svg"))
+>>> [(n.name, sorted(n.owners), n.width_before) for n in d.nodes]  # doctest: +NORMALIZE_WHITESPACE
+[('input:x', ['a', 'b'], None), ('trunk', ['a', 'b'], 8), ('relu', ['a', 'b'], None), ('a', ['a'], 2),
+ ('mean', ['b'], None), ('b', ['b'], 3), ('task:a', ['a'], None), ('task:b', ['b'], None)]
+>>> d.edges[:3]
+(('input:x', 'trunk'), ('trunk', 'relu'), ('relu', 'a'))
 """
 from __future__ import annotations
 

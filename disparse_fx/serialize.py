@@ -421,6 +421,9 @@ _BASE_MODULE_KEYS = frozenset(nn.Module().__dict__)
 
 
 def _encode_graph_module(gm: fx.GraphModule, tensors: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    if type(gm.graph._codegen) is not fx.graph.CodeGen:
+        raise UnserializableError(f"the graph uses {type(gm.graph._codegen).__name__} (pytree inputs/outputs); "
+                                  f"save() writes graphs with the default code generator only")
     enc = _Encoder(tensors, nodes=True)
     by_name, by_id = _registry()
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
