@@ -225,7 +225,9 @@ def write_report(result: "CompressionResult", folder: Union[str, pathlib.Path], 
     drawing = draw(result, [paths["graph_svg"], paths["graph_png"]], slim_model=slim_model)
     fmt = "github" if format == "md" else "html"
     watershed = (f"watershed layer: {overlap.watershed} (all-task IoU drops by {overlap.watershed_drop:.3f})"
-                 if overlap.watershed else "watershed layer: none (fewer than two shared layers)")
+                 if overlap.watershed else "watershed layer: none (" + (
+                     "the all-task IoU never drops from one shared layer to the next)" if len(overlap.layers) > 1
+                     else "fewer than two shared layers)"))
     title = f"Compression report: {type(result.model).__name__}"
     graph_note = (f"{len(drawing.nodes)} boxes; nodes coloured by owner, conv/linear output widths before -> "
                   f"after" + (f"; module paths collapsed to depth {drawing.depth}" if drawing.depth else ""))
