@@ -18,6 +18,13 @@ task's pick. Per-layer live counts are conserved, so the sparsity never moves.
         loss = ...; opt.zero_grad(); loss.backward(); opt.step()
         sched.step(batch)
 
+On a result compressed with ``granularity="channel"`` the same call builds a
+:class:`ChannelDynamicSparsity`: the units are the channels of the plan's removable
+channel groups, training starts from the plan's channel keep, channels are dropped by
+magnitude and regrown by ``|dL_t / d channel mask|`` with the same union rule, per-group
+live counts (hence the sparsity after slimming) are conserved, and ``result.plan`` follows
+the live channels so ``dfx.slim(result)`` slims what was trained.
+
 :func:`finetune` is the loop for users without one.
 
 Under ``torch.distributed`` (e.g. the model wrapped in DistributedDataParallel) every
@@ -27,6 +34,7 @@ broken by a seeded order that depends only on (seed, step, layer).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -37,15 +45,17 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from passes.insert_channel_masks import MASK_MODULE, mask_plan
 from passes.insert_masks import masked_params
 
 from . import distributed
+from .channel_decision import _element_masks, prunable_sparsity
 from .decision import layer_floor
 from .errors import DisparseValueError, LossError, NotEnoughBatchesError, PostconditionError
 from .importance import _forked_rng, _losses, _to_device, default_inputs
 from .result import CompressionResult
 
-__all__ = ["DynamicSparsity", "UpdateRecord", "erk_densities", "finetune", "ERK_POWER", "INITS", "OPTIMIZERS"]
+__all__ = ["DynamicSparsity", "ChannelDynamicSparsity", "UpdateRecord", "erk_densities", "finetune", "ERK_POWER", "INITS", "OPTIMIZERS"]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +135,8 @@ class UpdateRecord:
     union trimmed to the budget for shared layers; it may re-pick just-dropped
     positions, which then keep their value); ``grown`` / ``pruned``: net changes of the
     mask; ``scores``: {param: {task: |grad| normalised to sum 1 over the task's domain}}.
+    At channel granularity every mapping is keyed by channel group id instead of
+    parameter name and holds one flag (or score) per channel of the group.
     """
 
     step: int
@@ -150,7 +162,8 @@ class DynamicSparsity:
     multiples of ``update_every`` and below ``end_step`` the masks are updated:
     the drop fraction is ``prune_rate * (1 + cos(pi * step / end_step)) / 2``.
 
-    ``init="erk"``: ERK per-layer densities (:func:`erk_densities`) at the plan's target
+    ``init="erk"`` (the default; channel results take ``"plan"`` and refuse ``"erk"``,
+    see :class:`ChannelDynamicSparsity`): ERK per-layer densities (:func:`erk_densities`) at the plan's target
     sparsity with seeded random positions - training from scratch. Live positions that
     ``compress`` had zeroed are redrawn from PyTorch's default conv/linear init,
     U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (seeded); the others keep their values.
@@ -171,18 +184,49 @@ class DynamicSparsity:
         update_every: int = 50,
         prune_rate: float = 0.5,
         inputs: Optional[Callable[[Any], Any]] = None,
-        init: str = "erk",
+        init: Optional[str] = None,
         seed: int = 0,
     ):
+        plan = self._setup(result, task_losses, optimizer, end_step=end_step, update_every=update_every,
+                           prune_rate=prune_rate, inputs=inputs, init="erk" if init is None else init, seed=seed)
+        init = self.init
+        if plan.config.granularity == "channel" or plan.channels is not None:
+            raise DisparseValueError(  # only reachable by calling DynamicSparsity.__init__ directly
+                "a channel-granularity result needs the channel scheduler: call DynamicSparsity(...)")
+        self._gm_names = _resolve_mask_names(self.model, self.prunable)
+        bufs = masked_params(self.model)
+        self._weights = {p: self.model.get_parameter(self._gm_names[p]) for p in self.prunable}
+        self._masks = {p: bufs[self._gm_names[p]] for p in self.prunable}
+        in_opt = {id(q) for g in optimizer.param_groups for q in g["params"]}
+        for p in self.prunable:
+            if id(self._weights[p]) not in in_opt:
+                raise DisparseValueError(
+                    f"optimizer does not update parameter {p!r} of result.model; build it from "
+                    "result.model.parameters() (or the DDP wrapper's, which are the same tensors)")
+
+        if init == "erk":
+            self._init_erk()
+        mismatches = self._sync_masks()
+        self._kept = {p: int(self._masks[p].count_nonzero()) for p in self.prunable}
+        self.target_sparsity = self.sparsity
+        self._record(0, 0.0, 0, 0, mismatches)
+        log.info("DynamicSparsity: init=%s, %d layers, sparsity %.4f, update every %d steps until %d",
+                 init, len(self.prunable), self.sparsity, update_every, end_step)
+
+    def __new__(cls, result: Any = None, *args: Any, **kwargs: Any):
+        # A channel-granularity result gets the channel-group scheduler (same API).
+        plan = getattr(result, "plan", None)
+        if cls is DynamicSparsity and (getattr(getattr(plan, "config", None), "granularity", None) == "channel"
+                                       or getattr(plan, "channels", None) is not None):
+            cls = ChannelDynamicSparsity
+        return super().__new__(cls)
+
+    def _setup(self, result, task_losses, optimizer, *, end_step, update_every, prune_rate, inputs, init, seed):
+        """Argument checks and the state both granularities share; returns the plan."""
         if not (hasattr(result, "model") and hasattr(result, "plan")):
             raise DisparseValueError(
                 f"result must be the CompressionResult returned by compress(), got {type(result).__name__}")
         plan = result.plan
-        if plan.config.granularity == "channel":
-            raise NotImplementedError(
-                "DynamicSparsity supports granularity='element' only for now: dynamic sparse training "
-                "on channel groups lands with the channel-group analysis; compress with "
-                "CompressConfig(granularity='element')")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise DisparseValueError(
                 f"optimizer must be a torch.optim.Optimizer over the model's parameters, got "
@@ -208,30 +252,13 @@ class DynamicSparsity:
         self.inputs = inputs or default_inputs
         self.prunable: Tuple[str, ...] = tuple(plan.prunable)
 
-        self._gm_names = _resolve_mask_names(self.model, self.prunable)
-        bufs = masked_params(self.model)
-        self._weights = {p: self.model.get_parameter(self._gm_names[p]) for p in self.prunable}
-        self._masks = {p: bufs[self._gm_names[p]] for p in self.prunable}
-        in_opt = {id(q) for g in optimizer.param_groups for q in g["params"]}
-        for p in self.prunable:
-            if id(self._weights[p]) not in in_opt:
-                raise DisparseValueError(
-                    f"optimizer does not update parameter {p!r} of result.model; build it from "
-                    "result.model.parameters() (or the DDP wrapper's, which are the same tensors)")
         self.domains = {t: tuple(p for p in self.prunable if t in plan.owners[p]) for t in plan.tasks}
         self.domains = {t: d for t, d in self.domains.items() if d}
 
         self.step_count = 0
         self.history: List[Dict[str, Any]] = []
         self.last_update: Optional[UpdateRecord] = None
-        if init == "erk":
-            self._init_erk()
-        mismatches = self._sync_masks()
-        self._kept = {p: int(self._masks[p].count_nonzero()) for p in self.prunable}
-        self.target_sparsity = self.sparsity
-        self._record(0, 0.0, 0, 0, mismatches)
-        log.info("DynamicSparsity: init=%s, %d layers, sparsity %.4f, update every %d steps until %d",
-                 init, len(self.prunable), self.sparsity, update_every, end_step)
+        return plan
 
     # -------------------------------------------------------- state
     @property
@@ -428,6 +455,407 @@ class DynamicSparsity:
                  "regrown": n_grown, "densities": self.densities(), "mask_mismatches": mismatches}
         self.history.append(entry)
         return entry
+
+
+# ---------------------------------------------------------------- dynamic sparsity on channel groups
+class ChannelDynamicSparsity(DynamicSparsity):
+    """Dynamic DiSparse on channel groups: what ``DynamicSparsity(result, ...)`` builds when
+    ``result`` was compressed with ``granularity="channel"`` (same arguments and API).
+
+    The units are the channels of the removable groups in ``result.plan.channels.keep``;
+    the live set is the channel keep, held in ``channel_keep`` ({group id: bool}) and in
+    the masked model's ``channel_masks`` buffers, so the masked model always computes
+    what ``dfx.slim(result)`` computes. Training starts from the plan's keep
+    (``init="plan"``, the default here; ``"erk"`` is refused).
+
+    Every ``update_every`` steps until ``end_step``, per group:
+
+    - **drop** the fraction ``p`` (cosine-decayed from ``prune_rate``) of the live
+      channels with the smallest magnitude: the L2 norm of the channel's prunable member
+      slices (every slice of a prunable parameter that the channel owns: the producing
+      conv's output rows, the reading conv's / linear's input columns or blocks)
+      divided by the number of those slices;
+    - **regrow** as many channels (a just-dropped channel may be picked again and is then
+      left untouched) by per-task gradient magnitude. The signal is ``|dL_t / dm_c|``,
+      the derivative of task ``t``'s loss with respect to the channel's mask, taken with
+      every channel mask at 1 (one forward, one ``autograd.grad`` per task, with respect
+      to the mask buffers only; signed gradients summed over all the buffers that hold
+      channel ``c``, averaged across ranks, then the absolute value), normalised to sum 1
+      over the channels of the groups ``t`` reaches. It is the first-order change of
+      ``L_t`` when channel ``c`` is switched on - the channel-level decision itself -
+      one number per channel whatever the channel's members (depthwise, concat, linear
+      blocks after a flatten), and it needs no weight-sized gradient. It is evaluated
+      with the channel's current weights (dropped channels keep theirs; the plan's
+      removed channels keep the trained ones), so it ranks dead channels by what they
+      last contributed.
+    - A group reached by several tasks (plan.channels.task_keep) regrows the union of
+      its tasks' picks trimmed back to the budget by the best per-task normalised score;
+      a group reached by one task (a head group) regrows that task's pick.
+
+    Drop and regrow run separately within each set of a group's channels that own the
+    same number of slices of every member (usually the whole group), so the slimmed
+    size of every parameter - and the plan's sparsity after slimming
+    (:func:`~disparse_fx.channel_decision.prunable_sparsity`) - never moves, and each
+    group keeps as many channels as before (at least one). A group whose update would
+    empty a split piece (``keep_one_of``) is left as it was.
+
+    A regrown channel starts at zero: every slice of a prunable parameter it owns (the
+    producer's output rows, the consumers' input columns) is set to 0 and the optimizer's
+    per-element state (Adam moments, momentum) there is reset, so the model's outputs do
+    not change at the update. Its non-prunable members (conv bias, BatchNorm gamma/beta,
+    running statistics) are left as they are. Dropped channels are masked, not zeroed.
+
+    After every update ``result.plan`` is replaced (``dataclasses.replace``; the old Plan
+    object is not modified) by a plan with the new ``channels.keep`` / ``task_keep``,
+    ``masks`` and ``task_masks`` (a task's vote: its old votes that stay live plus the
+    channels it picked for regrowth), so ``dfx.slim(result)`` slims what was trained.
+    ``last_update`` records are keyed by group id.
+    """
+
+    def __init__(
+        self,
+        result: CompressionResult,
+        task_losses: Union[Mapping[Hashable, LossFn], Sequence[LossFn]],
+        optimizer: torch.optim.Optimizer,
+        *,
+        end_step: int,
+        update_every: int = 50,
+        prune_rate: float = 0.5,
+        inputs: Optional[Callable[[Any], Any]] = None,
+        init: Optional[str] = None,
+        seed: int = 0,
+    ):
+        if init == "erk":
+            raise DisparseValueError(
+                "init='erk' is for granularity='element': dynamic sparsity on channel groups starts from "
+                "the plan's channel keep (compress chose which channels stay); pass init='plan' or leave "
+                "init out")
+        plan = self._setup(result, task_losses, optimizer, end_step=end_step, update_every=update_every,
+                           prune_rate=prune_rate, inputs=inputs, init="plan" if init is None else init, seed=seed)
+        if plan.channels is None:
+            raise DisparseValueError(
+                "result.plan has granularity='channel' but no channel plan (plan.channels is None); pass "
+                "the CompressionResult that compress(..., CompressConfig(granularity='channel')) returned")
+        self.result = result
+        self.groups = plan.channels.groups
+        groups = self.groups
+        self._gids: Tuple[int, ...] = tuple(sorted(int(g) for g in plan.channels.keep
+                                                   if groups.groups[int(g)].removable))
+        self._keep: Dict[int, torch.Tensor] = {g: plan.channels.keep[g].detach().cpu().bool().clone()
+                                               for g in self._gids}
+        self._task_keep = {t: {int(g): k.detach().cpu().bool().clone() for g, k in per.items()}
+                           for t, per in plan.channels.task_keep.items()}
+        gid_set = set(self._gids)
+        self._reach = {t: tuple(g for g in sorted(self._task_keep.get(t, {})) if g in gid_set)
+                       for t in plan.tasks}
+        self._reach = {t: r for t, r in self._reach.items() if r}
+
+        # The mask buffers: {(node, dim): (buffer, global channel id of each slice)}.
+        holder = getattr(self.model, MASK_MODULE, None)
+        present = dict(holder.named_buffers()) if holder is not None else {}
+        flat = groups.keep_vector(self._keep)
+        self._buffers: Dict[Tuple[str, int], Tuple[str, torch.Tensor, torch.Tensor]] = {}
+        for (arg, dim), kept in mask_plan(groups, flat).items():
+            name = f"{arg}_dim{dim}"
+            buf = present.get(name)
+            if buf is None or not torch.equal(buf.detach().reshape(-1).cpu() != 0, kept):
+                raise DisparseValueError(
+                    f"result.model's channel mask {MASK_MODULE}.{name} does not match result.plan.channels.keep; "
+                    "pass the CompressionResult that compress() (or a DynamicSparsity) left, unmodified")
+            self._buffers[(arg, dim)] = (f"{MASK_MODULE}.{name}", buf, groups.node_channels[arg][dim].long())
+
+        # Prunable members of each group and channel classes (same slice counts everywhere).
+        prunable_set = set(self.prunable)
+        in_opt = {id(q) for g in optimizer.param_groups for q in g["params"]}
+        self._members: Dict[int, List[Tuple[str, torch.Tensor, int, torch.Tensor]]] = {}
+        self._classes: Dict[int, torch.Tensor] = {}
+        for gid in self._gids:
+            g = groups.groups[gid]
+            members = []
+            counts = []
+            for m in g.members:
+                idx = m.index.long().cpu()
+                counts.append(torch.bincount(idx[idx >= 0], minlength=g.size))
+                if m.is_buffer or m.param_name not in prunable_set:
+                    continue
+                param = self.model.get_parameter(m.param_name)
+                if id(param) not in in_opt:
+                    raise DisparseValueError(
+                        f"optimizer does not update parameter {m.param_name!r} of result.model; build it from "
+                        "result.model.parameters() (or the DDP wrapper's, which are the same tensors)")
+                members.append((m.param_name, param, m.dim, idx))
+            self._members[gid] = members
+            signature = torch.stack(counts, 1) if counts else torch.zeros(g.size, 1, dtype=torch.long)
+            self._classes[gid] = torch.unique(signature, dim=0, return_inverse=True)[1]
+        self._shapes = {p: tuple(s) for p, s in plan.shapes.items()}
+
+        mismatches = self._sync_masks()
+        self._kept = {g: int(self._keep[g].sum()) for g in self._gids}
+        self.target_sparsity = self.sparsity
+        self._record(0, 0.0, 0, 0, mismatches)
+        log.info("DynamicSparsity (channels): %d groups, %d channels live of %d, sparsity %.4f, update every "
+                 "%d steps until %d", len(self._gids), sum(self._kept.values()),
+                 sum(groups.groups[g].size for g in self._gids), self.sparsity, update_every, end_step)
+
+    # -------------------------------------------------------- state
+    @property
+    def channel_keep(self) -> Dict[int, torch.Tensor]:
+        """{group id: bool per channel} (True = live), copies."""
+        return {g: k.clone() for g, k in self._keep.items()}
+
+    @property
+    def masks(self) -> Dict[str, torch.Tensor]:
+        """{param: bool element mask} of the live channels (the plan's ``masks``), copies."""
+        return {p: m.clone() for p, m in self.plan.masks.items()}
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the prunable parameters' elements that slimming removes."""
+        return prunable_sparsity(self.groups, self._keep, self.prunable, self._shapes)
+
+    def densities(self) -> Dict[str, float]:
+        """{param: fraction of its elements left after slimming}."""
+        after = self.groups.params_after(self._keep)
+        return {p: after.get(p, math.prod(self._shapes[p])) / math.prod(self._shapes[p]) for p in self.prunable}
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state["channel_keep"] = self.channel_keep
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "channel_keep" in state:
+            keep = {int(g): torch.as_tensor(k).bool().cpu() for g, k in state["channel_keep"].items()}
+            if set(keep) != set(self._gids) or any(int(keep[g].sum()) != self._kept[g] for g in self._gids):
+                raise DisparseValueError("state['channel_keep'] does not fit this plan's channel groups")
+            old = self._keep
+            self._keep = keep
+            self._write_masks(grown={})
+            self._update_plan({g: keep[g] & ~old[g] for g in self._gids}, {})
+
+    @torch.no_grad()
+    def _apply_masks_(self) -> None:
+        """Nothing to re-zero: dead channels are cut at the masks, their weights are never read."""
+
+    # -------------------------------------------------------- the update
+    def update(self, batch: Any) -> Dict[str, Any]:
+        """Drop and regrow channels now (``step`` calls this on schedule)."""
+        t0 = time.perf_counter()
+        step = self.step_count
+        frac = self.prune_fraction(step)
+        scores = self._channel_scores(batch)
+        mags = self._magnitudes()
+        rec = dict(dropped={}, task_picks={}, regrow={}, grown={}, pruned={}, scores={})
+        new_keep = dict(self._keep)
+        grown_all: Dict[int, torch.Tensor] = {}
+        picks_all: Dict[int, Dict[Hashable, torch.Tensor]] = {}
+        n_grown = n_pruned = 0
+        for gid in self._gids:
+            live = self._keep[gid]
+            size = live.numel()
+            tasks = [t for t in self._reach if gid in self._reach[t]]
+            if not tasks:
+                continue
+            group_scores = {t: scores[t][gid] for t in tasks}
+            order = self._tie_order(step, gid, size, torch.device("cpu"))
+            cls = self._classes[gid]
+            dropped = torch.zeros(size, dtype=torch.bool)
+            regrow = torch.zeros(size, dtype=torch.bool)
+            picks_g = {t: torch.zeros(size, dtype=torch.bool) for t in tasks}
+            for c in torch.unique(cls).tolist():
+                in_c = cls == c
+                live_c = live & in_c
+                n_live, n_c = int(live_c.sum()), int(in_c.sum())
+                k = int(frac * n_live)
+                if k == 0 or n_live == n_c:
+                    continue
+                drop_c = _top_k(-mags[gid], live_c, k, order)
+                candidates = in_c & ~(live_c & ~drop_c)
+                picks = {t: _top_k(s, candidates, k, order) for t, s in group_scores.items()}
+                if len(picks) > 1:  # shared: union of the tasks' picks, trimmed by the best score
+                    union = torch.stack(list(picks.values())).any(0)
+                    best = torch.stack(list(group_scores.values())).amax(0)
+                    grow_c = _top_k(best, union, k, order)
+                else:
+                    grow_c = next(iter(picks.values()))
+                dropped |= drop_c
+                regrow |= grow_c
+                for t in tasks:
+                    picks_g[t] |= picks[t]
+            new_live = (live & ~dropped) | regrow
+            if any(not bool(new_live[piece].any()) for piece in self.groups.groups[gid].keep_one_of):
+                log.debug("step %d: group %d left as it was (the update would empty a split piece)", step, gid)
+                continue
+            grown, pruned = new_live & ~live, live & ~new_live
+            new_keep[gid] = new_live
+            grown_all[gid] = grown
+            picks_all[gid] = picks_g
+            n_grown += int(grown.sum())
+            n_pruned += int(pruned.sum())
+            rec["dropped"][gid], rec["task_picks"][gid], rec["regrow"][gid] = dropped, picks_g, regrow
+            rec["grown"][gid], rec["pruned"][gid], rec["scores"][gid] = grown, pruned, group_scores
+        self._keep = new_keep
+        self._write_masks(grown_all)
+        self._update_plan(grown_all, picks_all)
+        mismatches = self._sync_masks()
+        self._check_counts()
+        self.last_update = UpdateRecord(step=step, prune_fraction=frac, **rec)
+        entry = self._record(step, frac, n_pruned, n_grown, mismatches)
+        log.debug("step %d: drop fraction %.4f, %d channels pruned / %d regrown, sparsity %.4f (%.3fs)",
+                  step, frac, n_pruned, n_grown, entry["sparsity"], time.perf_counter() - t0)
+        return entry
+
+    # -------------------------------------------------------- internals
+    @torch.no_grad()
+    def _magnitudes(self) -> Dict[int, torch.Tensor]:
+        """{group: L2 norm of each channel's prunable slices / number of those slices} (CPU float64)."""
+        out = {}
+        for gid in self._gids:
+            size = self.groups.groups[gid].size
+            sq = torch.zeros(size, dtype=torch.float64)
+            n = torch.zeros(size, dtype=torch.float64)
+            for _, param, dim, idx in self._members[gid]:
+                w = param.detach().float()
+                dims = [d for d in range(w.dim()) if d != dim]
+                per = (w.square().sum(dim=dims) if dims else w.square()).double().cpu()
+                sel = idx >= 0
+                sq.index_add_(0, idx[sel], per[sel])
+                n.index_add_(0, idx[sel], torch.ones(int(sel.sum()), dtype=torch.float64))
+            out[gid] = sq.sqrt() / n.clamp_min(1.0)
+        return out
+
+    def _channel_scores(self, batch: Any) -> Dict[Hashable, Dict[int, torch.Tensor]]:
+        """Per task: ``|dL_t / d channel mask|`` over the groups it reaches, normalised to sum 1.
+
+        One forward with every channel-mask buffer replaced by a ones leaf (parameters
+        detached, other buffers cloned so BatchNorm statistics are not updated) and one
+        ``autograd.grad`` per task with respect to those leaves; the signed gradients are
+        summed per global channel over the buffers holding it and averaged across ranks.
+        """
+        gm = self.model
+        num = self.groups.num_channels
+        tasks = list(self._reach)
+        if not self._buffers or not tasks:
+            return {t: {g: torch.zeros(self.groups.groups[g].size) for g in self._reach.get(t, ())} for t in tasks}
+        names = [n for n, _, _ in self._buffers.values()]
+        leaves = {n: torch.ones_like(b, requires_grad=True) for n, b, _ in self._buffers.values()}
+        tensors = {n: p.detach() for n, p in gm.named_parameters()}
+        tensors.update({n: b.detach().clone() for n, b in gm.named_buffers() if n not in leaves})
+        tensors.update(leaves)
+        device = next(iter(leaves.values())).device
+        batch = _to_device(batch, device)
+        args = self.inputs(batch)
+        args = args if isinstance(args, tuple) else (args,)
+        with _forked_rng(device, self.seed + self.step_count):
+            outputs = torch.func.functional_call(gm, tensors, args, strict=False)
+        losses = _losses(outputs, self.task_losses, batch, self.step_count)
+        grads = []
+        for i, t in enumerate(tasks):
+            g = torch.autograd.grad(losses[t], [leaves[n] for n in names],
+                                    retain_graph=i < len(tasks) - 1, allow_unused=True)
+            acc = torch.zeros(num, dtype=torch.float32, device=device)
+            for gi, (_, _, gids) in zip(g, self._buffers.values()):
+                if gi is not None:
+                    acc.index_add_(0, gids.to(device), gi.detach().float().reshape(-1))
+            grads.append(acc)
+        del outputs, losses
+        distributed.all_reduce_mean_(grads)  # signed: the gradient of the global batch
+        scores = {}
+        for t, acc in zip(tasks, grads):
+            mag = acc.abs().double().cpu()
+            per = {g: mag[self.groups.offsets[g]:self.groups.offsets[g] + self.groups.groups[g].size]
+                   for g in self._reach[t]}
+            total = float(sum(float(v.sum()) for v in per.values()))
+            scores[t] = {g: (v / total if total > 0 else v) for g, v in per.items()}
+        return scores
+
+    @torch.no_grad()
+    def _write_masks(self, grown: Mapping[int, torch.Tensor]) -> None:
+        """Mask buffers from ``_keep``; zero the prunable slices (and optimizer state) of ``grown``."""
+        flat = self.groups.keep_vector(self._keep)
+        if set(mask_plan(self.groups, flat)) != set(self._buffers):
+            raise PostconditionError(
+                f"DynamicSparsity: the channel keep at step {self.step_count} needs other mask buffers than "
+                "the model holds (a group became fully kept or lost its last mask)")
+        for _, buf, gids in self._buffers.values():
+            buf.copy_(flat[gids.cpu()].to(device=buf.device, dtype=buf.dtype).view(buf.shape))
+        for gid, g in grown.items():
+            if not bool(g.any()):
+                continue
+            for _, param, dim, idx in self._members[gid]:
+                sel = (idx >= 0) & g[idx.clamp_min(0)]
+                if not bool(sel.any()):
+                    continue
+                view = [1] * param.dim()
+                view[dim] = param.shape[dim]
+                where = sel.to(param.device).view(view).expand(param.shape)
+                param.masked_fill_(where, 0.0)
+                _reset_optimizer_state(self.optimizer, param, where)
+
+    def _update_plan(self, grown: Mapping[int, torch.Tensor],
+                     picks: Mapping[int, Mapping[Hashable, torch.Tensor]]) -> None:
+        """Replace ``result.plan`` by one describing the live channels."""
+        plan = self.plan
+        task_keep = {}
+        for t, per in self._task_keep.items():
+            task_keep[t] = {}
+            for g, vote in per.items():
+                if g not in self._keep:
+                    task_keep[t][g] = vote
+                elif not plan.config.disentangle:
+                    task_keep[t][g] = self._keep[g].clone()
+                else:
+                    mine = picks.get(g, {}).get(t)
+                    task_keep[t][g] = (vote & self._keep[g]) | ((mine & grown[g]) if mine is not None else False)
+        self._task_keep = task_keep
+        domains = {t: tuple(p for p in self.prunable if t in plan.owners[p]) for t in plan.tasks}
+        domains = {t: d for t, d in domains.items() if d}
+        keep = dict(plan.channels.keep)
+        keep.update({g: k.clone() for g, k in self._keep.items()})
+        masks, task_masks = _element_masks(self.groups, keep, task_keep, self.prunable, self._shapes,
+                                           plan.owners, domains)
+        channels = dataclasses.replace(plan.channels, keep=keep, task_keep=task_keep)
+        self.plan = dataclasses.replace(plan, masks=masks, task_masks=task_masks, channels=channels,
+                                        sparsity=self.sparsity)
+        object.__setattr__(self.result, "plan", self.plan)  # CompressionResult is a frozen dataclass
+
+    def _sync_masks(self) -> int:
+        """Under torch.distributed: adopt rank 0's channel keep; returns how many channels differed here."""
+        if not distributed.is_active() or not self._gids:
+            return 0
+        flat = torch.cat([self._keep[g].float() for g in self._gids])
+        device = next(iter(self._buffers.values()))[1].device if self._buffers else torch.device("cpu")
+        local = flat.clone()
+        shipped = flat.to(device)
+        distributed.broadcast_([shipped], src=0)
+        flat = shipped.cpu()
+        mismatches = int((flat != local).sum())
+        if mismatches:
+            log.warning("rank %d: %d channels differed from rank 0's keep; adopting rank 0's",
+                        distributed.rank(), mismatches)
+            grown, offset = {}, 0
+            for g in self._gids:
+                n = self._keep[g].numel()
+                new = flat[offset:offset + n] != 0
+                grown[g] = new & ~self._keep[g]
+                self._keep[g] = new
+                offset += n
+            self._write_masks(grown)
+            self._update_plan(grown, {})
+        return mismatches
+
+    def _check_counts(self) -> None:
+        for g in self._gids:
+            kept = int(self._keep[g].sum())
+            if kept != self._kept[g]:
+                raise PostconditionError(
+                    f"DynamicSparsity: channel group {g} keeps {kept} channels after the update at step "
+                    f"{self.step_count}, {self._kept[g]} before (drop and regrow counts must match)")
+        if abs(self.sparsity - self.target_sparsity) > 1e-12:
+            raise PostconditionError(
+                f"DynamicSparsity: sparsity after slimming moved from {self.target_sparsity} to {self.sparsity} "
+                f"at step {self.step_count}")
 
 
 def _top_k(score: torch.Tensor, allowed: torch.Tensor, k: int, order: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 import disparse_fx as dfx
 from disparse_fx.importance import default_inputs
+from disparse_fx.channel_decision import prunable_sparsity
 from disparse_fx.training import DynamicSparsity, erk_densities, finetune
+from passes.insert_channel_masks import MASK_MODULE, mask_plan
 from passes.insert_masks import masked_params
 
 from .zoo import ZOO, ZOO_BY_NAME, outputs_by_task
@@ -303,24 +305,160 @@ def test_regrowth_follows_the_union_rule(setup):
 
 
 # ---------------------------------------------------------------- guards
-def test_channel_granularity_is_not_implemented_yet():
+def test_channel_granularity_needs_a_channel_plan_and_refuses_erk():
     entry = ZOO_BY_NAME["two_heads_dict"]
     result = compressed(entry)
     cfg = dataclasses.replace(result.plan.config, granularity="channel")
     channel = dataclasses.replace(result, plan=dataclasses.replace(result.plan, config=cfg))
-    with pytest.raises(NotImplementedError, match="granularity='element'"):
+    with pytest.raises(dfx.DisparseValueError, match=r"no channel plan \(plan.channels is None\)"):
         DynamicSparsity(channel, entry.task_losses, torch.optim.Adam(result.model.parameters()), end_step=10)
+    real = channel_compressed(entry)
+    with pytest.raises(dfx.DisparseValueError, match="channel groups starts from the plan's channel keep"):
+        DynamicSparsity(real, entry.task_losses, torch.optim.Adam(real.model.parameters()), end_step=10, init="erk")
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="dynamic sparse training on channel groups lands with the channel-group analysis")
-def test_dynamic_sparsity_on_channel_groups():
-    entry = ZOO_BY_NAME["two_heads_dict"]
-    result = compressed(entry)
-    cfg = dataclasses.replace(result.plan.config, granularity="channel")
-    channel = dataclasses.replace(result, plan=dataclasses.replace(result.plan, config=cfg))
-    sched = DynamicSparsity(channel, entry.task_losses, torch.optim.Adam(result.model.parameters()), end_step=10)
-    assert sched.sparsity > 0
+# ---------------------------------------------------------------- channel granularity
+def channel_compressed(entry, sparsity=0.5):
+    config = dfx.CompressConfig(sparsity=sparsity, granularity="channel", num_batches=2, progress=False)
+    return dfx.compress(entry.build(), entry.task_losses, entry.batches(2), config, inputs=entry.inputs)
+
+
+def check_channel_state(sched, result, sparsity, kept):
+    """Live counts, sparsity after slimming, plan and mask buffers all agree with the keep."""
+    groups = result.plan.channels.groups
+    keep = sched.channel_keep
+    assert {g: int(k.sum()) for g, k in keep.items()} == kept
+    assert all(int(k.sum()) >= 1 for k in keep.values())
+    shapes = {p: result.plan.shapes[p] for p in result.plan.prunable}
+    assert abs(prunable_sparsity(groups, keep, result.plan.prunable, shapes) - sparsity) <= 1e-12
+    assert abs(sched.sparsity - sparsity) <= 1e-12 and result.plan is sched.plan
+    assert all(torch.equal(result.plan.channels.keep[g], keep[g]) for g in keep)
+    flat = groups.keep_vector(keep)
+    holder = result.model.get_submodule(MASK_MODULE)
+    for (arg, dim), flags in mask_plan(groups, flat).items():
+        assert torch.equal(getattr(holder, f"{arg}_dim{dim}").reshape(-1) != 0, flags)
+    for p, m in result.plan.masks.items():  # element view: OR over owners of the task masks
+        owners = [t for t in result.plan.task_masks if p in result.plan.task_masks[t]]
+        assert torch.equal(m, torch.stack([result.plan.task_masks[t][p] for t in owners]).any(0)), p
+
+
+def test_channel_dynamic_sparsity_conserves_counts_regrows_and_slims():
+    entry = ZOO_BY_NAME["residual_tuple"]
+    result = channel_compressed(entry)
+    sparsity0 = result.plan.sparsity
+    slim_params0 = sum(p.numel() for p in dfx.slim(result).parameters())
+    opt = torch.optim.Adam(result.model.parameters(), lr=1e-2)
+    sched = DynamicSparsity(result, entry.task_losses, opt, update_every=2, end_step=40, inputs=entry.inputs)
+    assert sched.init == "plan" and sched.history[0]["sparsity"] == sparsity0
+    kept = {g: int(k.sum()) for g, k in result.plan.channels.keep.items()}
+    data = entry.batches(6)
+    scores = sched._channel_scores(data[0])  # the regrowth signal: normalised per task
+    for t, per in scores.items():
+        assert sum(float(v.sum()) for v in per.values()) == pytest.approx(1.0, abs=1e-9)
+    assert set(scores[2]) == {0, 2, 5} and set(scores[0]) == {0, 2}  # 5 is task 2's head group
+    start = sched.channel_keep
+    changed = 0
+    for step in range(12):
+        batch = data[step % len(data)]
+        train_step(entry, result.model, opt, batch)
+        before = {n: q.detach().clone() for n, q in result.model.named_parameters()}
+        entry_ = sched.step(batch)
+        if entry_ is None:
+            continue
+        check_channel_state(sched, result, sparsity0, kept)
+        rec = sched.last_update
+        assert entry_["pruned"] == entry_["regrown"] == sum(int(g.sum()) for g in rec.grown.values())
+        changed += entry_["regrown"]
+        zeroed = {n: torch.zeros_like(q, dtype=torch.bool) for n, q in before.items()}
+        for gid, grown in rec.grown.items():
+            for name, param, dim, idx in sched._members[gid]:
+                sel = (idx >= 0) & grown[idx.clamp_min(0)]
+                view = [1] * param.dim()
+                view[dim] = param.shape[dim]
+                where = sel.view(view).expand(param.shape)
+                zeroed[name] |= where
+                assert bool((param.detach()[where] == 0).all()), (gid, name)
+                for value in opt.state[param].values():
+                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                        assert bool((value[where] == 0).all()), (gid, name)
+        for n, q in result.model.named_parameters():  # nothing else moves (BN beta, biases included)
+            assert torch.equal(q.detach()[~zeroed[n]], before[n][~zeroed[n]]), n
+    assert changed > 0 and any(not torch.equal(start[g], k) for g, k in sched.channel_keep.items())
+    assert [h["step"] for h in sched.history] == [0, 2, 4, 6, 8, 10, 12]
+
+    slim = dfx.slim(result)  # parity with the masked model is checked inside
+    assert sum(p.numel() for p in slim.parameters()) == slim_params0
+    x = entry.inputs(data[0]) if entry.inputs else data[0]["input"]
+    result.model.eval()
+    with torch.no_grad():
+        for a, b in zip(result.model(x), slim.eval()(x)):
+            torch.testing.assert_close(b, a, atol=1e-4 * max(1.0, float(a.abs().max())), rtol=0)
+    result.model.train()
+
+    resumed = DynamicSparsity(result, entry.task_losses, opt, update_every=2, end_step=40, inputs=entry.inputs)
+    resumed.load_state_dict(sched.state_dict())
+    assert resumed.step_count == 12 and all(torch.equal(resumed.channel_keep[g], k)
+                                            for g, k in sched.channel_keep.items())
+    history = finetune(result, entry.task_losses, data, 4, inputs=entry.inputs, dynamic=resumed, progress=False)
+    assert [s for _, s in history["sparsity"]] == [sparsity0, sparsity0]
+    check_channel_state(resumed, result, sparsity0, kept)
+
+
+def test_channel_regrowth_union_rule_on_shared_group_and_head_group(monkeypatch):
+    # residual_tuple: group 2 (block1's 8 channels) is reached by tasks 0, 1, 2; group 5
+    # (h2's 6 hidden units) by task 2 alone. Scores and magnitudes are fixed by hand.
+    entry = ZOO_BY_NAME["residual_tuple"]
+    result = channel_compressed(entry)
+    keep0 = {g: k.clone() for g, k in result.plan.channels.keep.items()}
+    assert keep0[2].tolist() == [False, True, True, False, False, True, True, False]
+    assert keep0[5].tolist() == [True, True, False, True, False, True]
+    opt = torch.optim.Adam(result.model.parameters(), lr=1e-2)
+    sched = DynamicSparsity(result, entry.task_losses, opt, update_every=1, end_step=10_000,
+                            prune_rate=1.0, inputs=entry.inputs)
+    assert sched._reach == {0: (0, 2), 1: (0, 2), 2: (0, 2, 5)}
+
+    def vec(n, values):
+        v = torch.zeros(n, dtype=torch.float64)
+        for i, x in values.items():
+            v[i] = x
+        return v
+
+    mags = {0: torch.arange(8, dtype=torch.float64) + 1,
+            2: vec(8, {1: 0.1, 2: 0.2, 5: 0.3, 6: 9.0}),      # drop 1, 2, 5 (k = 3 of 4 live)
+            5: vec(6, {0: 0.1, 1: 0.2, 3: 0.3, 5: 9.0})}      # drop 0, 1, 3
+    scores = {0: {0: torch.zeros(8), 2: vec(8, {0: 0.5, 3: 0.3, 4: 0.1})},
+              1: {0: torch.zeros(8), 2: vec(8, {7: 0.6, 4: 0.2, 1: 0.15})},
+              2: {0: torch.zeros(8), 2: vec(8, {5: 0.05, 2: 0.04, 1: 0.03}),
+                  5: vec(6, {2: 0.9, 4: 0.8, 0: 0.7, 1: 0.6})}}
+    monkeypatch.setattr(sched, "_magnitudes", lambda: mags)
+    monkeypatch.setattr(sched, "_channel_scores", lambda batch: scores)
+    before = {n: q.detach().clone() for n, q in result.model.named_parameters()}
+    sched.step(entry.batches(1)[0])
+    rec = sched.last_update
+    # Shared group: tasks pick {0,3,4}, {7,4,1}, {5,2,1}; the union trimmed by the best
+    # per-task score keeps 7 (0.6), 0 (0.5), 3 (0.3) - no single task's pick.
+    assert {t: torch.nonzero(p).flatten().tolist() for t, p in rec.task_picks[2].items()} == \
+        {0: [0, 3, 4], 1: [1, 4, 7], 2: [1, 2, 5]}
+    assert torch.nonzero(rec.regrow[2]).flatten().tolist() == [0, 3, 7]
+    assert sched.channel_keep[2].tolist() == [True, False, False, True, False, False, True, True]
+    # Head group: its task's pick, as is.
+    assert list(rec.task_picks[5]) == [2]
+    assert torch.nonzero(rec.regrow[5]).flatten().tolist() == [0, 2, 4]
+    assert sched.channel_keep[5].tolist() == [True, False, True, False, True, True]
+    assert torch.nonzero(rec.grown[5]).flatten().tolist() == [2, 4]  # 0 was dropped and re-picked
+    # Regrown slices start at zero; the re-picked channel 0 of group 5 keeps its weights.
+    w = result.model.get_parameter("h2.0.weight")
+    cols = ~rec.grown.get(0, torch.zeros(8, dtype=torch.bool))  # its input columns are group 0's channels
+    assert bool((w.detach()[[2, 4]] == 0).all()) and torch.equal(w.detach()[0, cols], before["h2.0.weight"][0, cols])
+    assert bool((result.model.get_parameter("h2.2.weight").detach()[:, [2, 4]] == 0).all())
+    assert torch.equal(result.model.get_parameter("h2.0.bias").detach(), before["h2.0.bias"])
+    for name, dim in (("block1.weight", 0), ("block2.weight", 1)):
+        sl = result.model.get_parameter(name).detach().index_select(dim, torch.tensor([0, 3, 7]))
+        assert bool((sl == 0).all()), name
+    # task votes: each task keeps its old live votes plus what it picked and grew
+    assert result.plan.channels.task_keep[1][2].tolist() == [False, False, False, False, False, False, True, True]
+    check_channel_state(sched, result, sched.target_sparsity, {g: int(k.sum()) for g, k in keep0.items()})
+    dfx.slim(result)
 
 
 def test_state_dict_resumes_the_schedule():
