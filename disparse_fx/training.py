@@ -55,7 +55,8 @@ from .errors import DisparseValueError, LossError, NotEnoughBatchesError, Postco
 from .importance import _forked_rng, _losses, _to_device, default_inputs
 from .result import CompressionResult
 
-__all__ = ["DynamicSparsity", "ChannelDynamicSparsity", "UpdateRecord", "erk_densities", "finetune", "ERK_POWER", "INITS", "OPTIMIZERS"]
+__all__ = ["DynamicSparsity", "ChannelDynamicSparsity", "UpdateRecord",
+           "erk_densities", "finetune", "ERK_POWER", "INITS", "OPTIMIZERS"]
 
 log = logging.getLogger(__name__)
 
