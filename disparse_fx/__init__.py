@@ -1,8 +1,9 @@
 """disparse_fx: disentangled (per-task) sparsification of multitask PyTorch models.
 
 >>> import disparse_fx as dfx
->>> sorted(n for n in dfx.__all__ if n[0].islower())
-['compress', 'erk_densities', 'export_onnx', 'finetune', 'mask_overlap', 'slim']
+>>> sorted(n for n in dfx.__all__ if n[0].islower())  # doctest: +NORMALIZE_WHITESPACE
+['compress', 'draw', 'erk_densities', 'export_onnx', 'finetune', 'load', 'mask_overlap',
+ 'register_callable', 'register_module_type', 'report', 'save', 'slim', 'write_report']
 """
 import logging
 
@@ -27,6 +28,20 @@ from .channel_decision import ChannelPlan
 from .export import ExportMismatchError, ExportReport, export_onnx
 from .overlap import MaskOverlap, mask_overlap
 from .training import DynamicSparsity, erk_densities, finetune
+from .serialize import (
+    CorruptFileError,
+    DisallowedCallableError,
+    ForeignFileError,
+    SerializationError,
+    UnserializableError,
+    UnsupportedVersionError,
+    load,
+    register_callable,
+    register_module_type,
+    save,
+)
+from .report import report, write_report
+from .draw import Drawing, DrawnNode, draw
 
 __all__ = [
     "compress",
@@ -40,6 +55,21 @@ __all__ = [
     "DynamicSparsity",
     "finetune",
     "erk_densities",
+    "save",
+    "load",
+    "register_callable",
+    "register_module_type",
+    "SerializationError",
+    "CorruptFileError",
+    "ForeignFileError",
+    "UnsupportedVersionError",
+    "DisallowedCallableError",
+    "UnserializableError",
+    "report",
+    "write_report",
+    "draw",
+    "Drawing",
+    "DrawnNode",
     "CompressConfig",
     "CompressionResult",
     "Plan",

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from passes.channel_groups import find_channel_groups
 from passes.insert_channel_masks import insert_channel_masks
-from passes.insert_masks import fold_masks, insert_masks
+from passes.insert_masks import fold_masks, insert_masks, masked_params
 from passes.slim import channels_emptied_by, slim_channels
 from passes.ownership import analyze_ownership
 from passes.prunable import default_prunable_params
@@ -147,14 +147,15 @@ def slim(result: CompressionResult, example_inputs=None) -> fx.GraphModule:
     plan = result.plan
     if plan.channels is not None:
         return slim_channels(result.model, plan.channels.groups, plan.channels.keep)
-    example = example_inputs if example_inputs is not None else _inputs_from_specs(plan.input_specs, result.model)
+    device = next((p.device for p in result.model.parameters()), None)
+    example = example_inputs if example_inputs is not None else plan.example_inputs(device)
     if example is None:
         raise DisparseValueError("slim needs example_inputs: compress() saw no batch to take their shapes from")
     example = example if isinstance(example, tuple) else (example,)
     folded = fold_masks(result.model)  # pruned weights are zeros; masks leave the graph
     groups = find_channel_groups(folded, example)
-    params = dict(result.model.named_parameters(remove_duplicate=False))
-    masks = _gm_keyed(result.model, params, {p: m for p, m in plan.masks.items() if p in params})
+    # the model's mask buffers are the truth (dynamic sparse training moves them after compress)
+    masks = {p: m != 0 for p, m in masked_params(result.model).items()}
     return slim_channels(folded, groups, channels_emptied_by(groups, masks))
 
 
@@ -172,22 +173,6 @@ def _input_specs(example):
     if example is None:
         return None
     return tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in example)
-
-
-def _inputs_from_specs(specs, model):
-    if specs is None:
-        return None
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for spec in specs:
-        if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], torch.dtype):
-            shape, dtype = spec
-            t = torch.randn(shape, generator=gen) if dtype.is_floating_point else torch.zeros(shape, dtype=torch.long)
-            out.append(t.to(device=device, dtype=dtype))
-        else:
-            out.append(spec)
-    return tuple(out)
 
 
 def _normalised(scores, domains, config):

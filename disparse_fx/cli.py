@@ -280,8 +280,9 @@ def _example(args, obj):
     specs = obj.meta.get("input_specs")
     if not specs:
         raise CLIError(f"'{args.model_file}' does not record its input shape; pass --input-shape")
-    gen = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(shape, generator=gen).to(dtype) for shape, dtype in specs)
+    from .plan import inputs_from_specs
+
+    return inputs_from_specs(specs)
 
 
 def _cmd_export(args, out: TextIO) -> int:

@@ -11,7 +11,25 @@ from .config import CompressConfig
 if TYPE_CHECKING:
     from .channel_decision import ChannelPlan
 
-__all__ = ["Plan"]
+__all__ = ["Plan", "inputs_from_specs"]
+
+
+def inputs_from_specs(specs, device=None) -> Tuple[Any, ...]:
+    """Random model inputs shaped like recorded ``(shape, dtype)`` specs (seeded).
+
+    Float inputs are standard normal, integer inputs zeros; other recorded values are
+    passed through. Only shapes matter to the analyses that use them.
+    """
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for spec in specs:
+        if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], torch.dtype):
+            shape, dtype = spec
+            t = torch.randn(shape, generator=gen) if dtype.is_floating_point else torch.zeros(shape, dtype=torch.long)
+            out.append(t.to(device=device, dtype=dtype))
+        else:
+            out.append(spec)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -53,6 +71,10 @@ class Plan:
         """Kept fraction of ``param`` in the final mask, or in ``task``'s own mask."""
         m = self.masks[param] if task is None else self.task_masks[task][param]
         return float(m.float().mean())
+
+    def example_inputs(self, device=None) -> Optional[Tuple[Any, ...]]:
+        """Random inputs shaped like the batches compress() saw (None if it saw none)."""
+        return None if self.input_specs is None else inputs_from_specs(self.input_specs, device)
 
     def kind(self, param: str) -> str:
         """'shared', 'task' (one owner) or 'unused'."""

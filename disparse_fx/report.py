@@ -74,22 +74,11 @@ def example_inputs_for(result: "CompressionResult", example_inputs: Any = None) 
     """``example_inputs`` as a tuple, or random inputs shaped like the batches compress() saw."""
     if example_inputs is not None:
         return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    specs = result.plan.input_specs
-    if specs is None:
+    if result.plan.input_specs is None:
         from .errors import DisparseValueError
 
         raise DisparseValueError("example_inputs are needed: compress() saw no batch to take their shapes from")
-    device = next((p.device for p in result.model.parameters()), torch.device("cpu"))
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for spec in specs:
-        if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], torch.dtype):
-            shape, dtype = spec
-            t = torch.randn(shape, generator=gen) if dtype.is_floating_point else torch.zeros(shape, dtype=torch.long)
-            out.append(t.to(device=device, dtype=dtype))
-        else:
-            out.append(spec)
-    return tuple(out)
+    return result.plan.example_inputs(next((p.device for p in result.model.parameters()), None))
 
 
 def _shape(t: Optional[torch.Tensor]) -> str:

@@ -597,3 +597,20 @@ def test_finetune_rejects_a_scheduler_of_another_model_or_a_second_optimizer():
         finetune(result, entry.task_losses, entry.batches(1), 1, dynamic=sched, progress=False)
     with pytest.raises(dfx.DisparseValueError, match="optimizer must be left out"):
         finetune(other, entry.task_losses, entry.batches(1), 1, dynamic=sched, optimizer="sgd", progress=False)
+
+
+def test_slim_after_element_dynamic_training_uses_the_live_masks():
+    """DynamicSparsity moves the mask buffers; slim must read them, not the plan's."""
+    entry = ZOO_BY_NAME["two_heads_dict"]
+    result = dfx.compress(entry.build(), entry.task_losses, entry.batches(2),
+                          dfx.CompressConfig(sparsity=0.9, num_batches=2, progress=False))
+    # empty a whole input channel of `body` in the live masks only: the plan still keeps it
+    live = masked_params(result.model)
+    live["body.weight"][:, 2] = 0
+    with torch.no_grad():
+        result.model.body.weight[:, 2] = 0
+    slim = dfx.slim(result)
+    assert slim.body.weight.shape[1] < 8  # the emptied channel left; planned masks would keep it
+    x = torch.randn(4, 3, 8, 8)
+    for t, v in result.model.eval()(x).items():
+        torch.testing.assert_close(slim.eval()(x)[t], v, atol=1e-6, rtol=0)
