@@ -5,6 +5,7 @@ It lives in the lower layer because passes raise these errors and must not impor
 """
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch.fx as fx
@@ -16,6 +17,7 @@ __all__ = [
     "UnsupportedOpError",
     "PostconditionError",
     "describe_node",
+    "user_source_line",
 ]
 
 
@@ -49,19 +51,22 @@ def describe_node(node: fx.Node, gm: Optional[fx.GraphModule] = None) -> str:
             pass
     elif callable(target):
         target = getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
-    where = _source_line(node)
+    where = user_source_line(node)
     return f"node '{node.name}' ({node.op} {target})" + (f" at {where}" if where else "")
 
 
-def _source_line(node: fx.Node) -> str:
-    """The innermost user frame of the node's recorded stack trace, or ''."""
-    trace = node.meta.get("stack_trace")
-    if not trace:
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n[ \t]*([^\n]*)')
+
+
+def user_source_line(node: fx.Node) -> str:
+    """The innermost frame of the node's recorded stack trace outside torch itself.
+
+    fx records the whole Python stack at trace time, ending in its own frames; the
+    user's line is the last one that is not in torch.
+    """
+    trace = node.meta.get("stack_trace") or ""
+    frames = [f for f in _FRAME.findall(trace) if "/torch/" not in f[0].replace("\\", "/")]
+    if not frames:
         return ""
-    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-    # fx records a Python traceback: 'File "x.py", line N, in f' followed by the code.
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File "):
-            code = lines[i + 1] if i + 1 < len(lines) else ""
-            return f"{lines[i]}: {code}".rstrip(": ")
-    return lines[-1]
+    path, line, func, code = frames[-1]
+    return f'File "{path}", line {line}, in {func}: {code.strip()}'

@@ -217,3 +217,13 @@ def test_all_errors_share_one_base():
                  "NotEnoughBatchesError", "NoPrunableParametersError", "InputError", "PostconditionError"):
         assert issubclass(getattr(dfx, name), dfx.DisparseError), name
 
+
+
+def test_node_descriptions_name_the_users_line_not_torchs():
+    from passes.errors import describe_node
+    from passes.trace import trace_model
+
+    gm = trace_model(ENTRY.build())
+    stem = next(n for n in gm.graph.nodes if n.name == "stem")
+    text = describe_node(stem, gm)
+    assert "tests/zoo.py" in text and "self.stem(x)" in text and "/torch/" not in text

@@ -70,7 +70,6 @@ attributes or literal arguments (see :class:`passes.slim.SlimContext`).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -160,26 +159,8 @@ def _target_repr(node: fx.Node, gm: fx.GraphModule) -> str:
     return f"{mod}.{getattr(t, '__qualname__', getattr(t, '__name__', repr(t)))}"
 
 
-_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n[ \t]*([^\n]*)')
-
-
-def user_source_line(node: fx.Node) -> str:
-    """The innermost frame of the node's recorded stack trace outside torch itself."""
-    trace = node.meta.get("stack_trace") or ""
-    frames = [f for f in _FRAME.findall(trace) if "/torch/" not in f[0].replace("\\", "/")]
-    if not frames:
-        return ""
-    path, line, func, code = frames[-1]
-    return f'File "{path}", line {line}, in {func}: {code.strip()}'
-
-
-def describe(node: fx.Node, gm: Optional[fx.GraphModule] = None) -> str:
-    """Like :func:`passes.errors.describe_node`, with the user's source line (not torch's)."""
-    text = describe_node(node, gm)
-    where = user_source_line(node)
-    if where:
-        text = text.split(" at File ")[0] + f" at {where}"
-    return text
+# One way to name a node in messages, with the user's source line (passes.errors).
+describe = describe_node
 
 
 def lookup_channel_rule(node: fx.Node, gm: fx.GraphModule) -> ChannelRule:
