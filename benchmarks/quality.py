@@ -1,0 +1,400 @@
+"""Quality: DiSparse against non-disentangled baselines on the built-in data and model.
+
+One dense DeepLab-ResNet 'tiny' (disparse_fx.zoo) is trained once on the built-in photo
+dataset (disparse_fx.data: edge, keypoint, segment, denoise) and cached; every method
+starts from that identical checkpoint, is compressed to the same target sparsity of the
+prunable parameters (conv/linear weights), fine-tuned with the identical budget (same
+steps, batch size, learning rate, data order per seed) and evaluated on the test split
+(photographs never seen in training). Each cell is mean ± std over seeds; Delta_T is the
+mean over tasks of the mean relative change of the task's metrics vs the dense model
+(sign-flipped for lower-is-better metrics), in percent.
+
+Methods (``--methods``):
+
+- ``disparse-snip`` / ``disparse-taylor`` / ``disparse-magnitude``: compress() with
+  disentangle=True (per-task scores, unanimous decision);
+- ``summed-snip`` / ``summed-taylor`` / ``summed-magnitude``: the same criteria with
+  disentangle=False - one score on the summed loss (SNIP on the summed loss, Taylor on
+  the summed loss, global magnitude);
+- ``random``: seeded uniform scores, global ranking;
+- ``erk-random`` (element only): random masks with per-layer densities from
+  disparse_fx.erk_densities (ERK);
+- ``disparse-dynamic`` (element only): disparse-snip masks, then the fine-tuning budget
+  is spent with disparse_fx.DynamicSparsity (prune by magnitude, regrow by per-task
+  gradient) instead of fixed masks;
+- ``tp-magnitude`` / ``tp-taylor`` (channel only): Torch-Pruning (``pip install
+  torch-pruning``, a benchmark-only extra) MetaPruner with GroupMagnitudeImportance /
+  GroupTaylorImportance on the summed loss, global pruning, the heads' output convs
+  ignored; its channel ratio is bisected so that the removed fraction of conv/linear
+  weights matches the target sparsity (within 0.5%).
+
+Also reported: the dense model, and the dense model fine-tuned with the same budget
+(separates what fine-tuning alone does from what pruning costs).
+
+    python benchmarks/quality.py            # default sweep (3 seeds), ~1 h on 2 quiet cores
+    python benchmarks/quality.py --full     # 5 seeds, 4x the fine-tuning budget
+    python benchmarks/quality.py --smoke --out /tmp/q.md   # seconds; used by the tests
+
+Raw per-run numbers go to a JSON file next to the table (``--out`` with suffix .json);
+``--resume`` skips runs already in it, so an interrupted sweep can be continued.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import hashlib
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+from tabulate import tabulate
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import disparse_fx as dfx  # noqa: E402
+from disparse_fx.data import HIGHER_IS_BETTER, TASK_METRICS, cache_dir, default_task_losses, delta_t, evaluate, make_splits  # noqa: E402
+from disparse_fx.demo import train_dense  # noqa: E402
+from disparse_fx.zoo import DEFAULT_TASKS, deeplab_resnet  # noqa: E402
+from passes.insert_masks import masked_params  # noqa: E402
+
+ELEMENT_METHODS = ["disparse-snip", "disparse-taylor", "disparse-magnitude", "disparse-dynamic",
+                   "summed-snip", "summed-taylor", "summed-magnitude", "random", "erk-random"]
+CHANNEL_METHODS = ["disparse-snip", "disparse-taylor", "disparse-magnitude",
+                   "summed-snip", "summed-taylor", "summed-magnitude", "random", "tp-magnitude", "tp-taylor"]
+METRIC_COLUMNS = [(t, m) for t, ms in (("edge", ["f1"]), ("keypoint", ["l1", "rel_err"]),
+                                       ("segment", ["miou", "pixel_acc"]), ("denoise", ["l1", "rel_err"]))
+                  for m in ms]
+
+
+def torch_pruning_available() -> Optional[str]:
+    try:
+        import torch_pruning  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+# ------------------------------------------------------------------ set-up
+class Setup:
+    def __init__(self, args):
+        self.args = args
+        n = dict(n_train=32, n_val=8, n_test=16) if args.smoke else dict(n_train=512, n_val=64, n_test=128)
+        self.n = n
+        self.splits = make_splits(seed=0, **n)
+        self.losses = default_task_losses()
+        self.test = DataLoader(self.splits.test, batch_size=32)
+        torch.manual_seed(0)
+        self.dense = deeplab_resnet(DEFAULT_TASKS, size="tiny")
+        key = hashlib.sha1(json.dumps(dict(size="tiny", steps=args.dense_steps, lr=args.lr, seed=0,
+                                           bs=args.batch_size, data=n, v="bench-quality-1"),
+                                      sort_keys=True).encode()).hexdigest()[:12]
+        ckpt = (args.cache or cache_dir()) / f"bench-quality-dense-{key}.pt"
+        gen = torch.Generator().manual_seed(0)
+        loader = DataLoader(self.splits.train, batch_size=args.batch_size, shuffle=True, generator=gen, drop_last=True)
+        t0 = time.perf_counter()
+        train_dense(self.dense, loader, args.dense_steps, args.lr, 0, ckpt, lambda m: print(m, flush=True))
+        self.dense_seconds = time.perf_counter() - t0
+        self.checkpoint = ckpt
+        self.dense.eval()
+        self.dense_metrics = evaluate(self.dense, self.test, TASK_METRICS)
+
+    def loader(self, seed: int) -> DataLoader:
+        gen = torch.Generator().manual_seed(1000 + seed)
+        return DataLoader(self.splits.train, batch_size=self.args.batch_size, shuffle=True, generator=gen,
+                          drop_last=True)
+
+    def importance_batches(self, seed: int) -> list:
+        it = iter(self.loader(seed))
+        return [next(it) for _ in range(min(self.args.importance_batches, len(self.splits.train) // self.args.batch_size))]
+
+
+def _prunable_elements(model: torch.nn.Module) -> int:
+    return sum(m.weight.numel() for m in model.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.ConvTranspose2d)))
+
+
+# ------------------------------------------------------------------ methods
+def run_compress(setup: Setup, method: str, granularity: str, sparsity: float, seed: int):
+    if method in ("random", "erk-random"):
+        family, criterion = "summed", "random"
+    elif method == "disparse-dynamic":
+        family, criterion = "disparse", "snip"
+    else:
+        family, criterion = method.split("-", 1)
+    config = dfx.CompressConfig(sparsity=sparsity, criterion=criterion, disentangle=(family == "disparse"),
+                                granularity=granularity, num_batches=setup.args.importance_batches, seed=seed,
+                                allow_fewer_batches=True, progress=False)
+    result = dfx.compress(setup.dense, setup.losses, setup.importance_batches(seed), config)
+    if method == "erk-random":
+        _erk_random_masks_(result, setup.dense, sparsity, seed)
+    return result
+
+
+@torch.no_grad()
+def _erk_random_masks_(result, dense, sparsity: float, seed: int) -> None:
+    """Replace the masks by seeded random ones with ERK per-layer densities; restore dense weights."""
+    plan = result.plan
+    shapes = {p: plan.shapes[p] for p in plan.prunable}
+    dens = dfx.erk_densities(shapes, 1.0 - sparsity)
+    bufs = masked_params(result.model)
+    gen = torch.Generator().manual_seed(seed)
+    for p in plan.prunable:
+        mask = bufs[p]
+        numel = mask.numel()
+        k = max(1, int(round(dens[p] * numel)))
+        flat = torch.zeros(numel, dtype=mask.dtype)
+        flat[torch.randperm(numel, generator=gen)[:k]] = 1
+        mask.copy_(flat.view_as(mask))
+    ref = dict(dense.named_parameters())
+    for n, q in result.model.named_parameters():
+        if n in ref and ref[n].shape == q.shape:
+            q.copy_(ref[n])
+
+
+def _achieved_element_sparsity(result) -> float:
+    bufs = masked_params(result.model)
+    kept = sum(int(bufs[p].count_nonzero()) for p in result.plan.prunable if p in bufs)
+    total = sum(bufs[p].numel() for p in result.plan.prunable if p in bufs)
+    return 1.0 - kept / total
+
+
+def run_torch_pruning(setup: Setup, method: str, sparsity: float, seed: int):
+    """Torch-Pruning on the summed loss; channel ratio bisected to the target parameter sparsity."""
+    import torch_pruning as tp
+
+    batches = setup.importance_batches(seed)
+    base = copy.deepcopy(setup.dense).train()
+    if method == "tp-taylor":
+        base.zero_grad()
+        for b in batches:  # summed loss, gradients accumulated over the importance batches
+            out = base(b["input"])
+            sum(fn(out[t], b) for t, fn in setup.losses.items()).backward()
+    base.eval()
+    dense_elems = _prunable_elements(base)
+    example = batches[0]["input"][:1]
+
+    grads = {n: q.grad.detach().clone() for n, q in base.named_parameters() if q.grad is not None}
+
+    def prune(ratio: float):
+        m = copy.deepcopy(base)
+        for n, q in m.named_parameters():  # Parameter.__deepcopy__ drops .grad: put it back
+            if n in grads:
+                q.grad = grads[n].clone()
+        imp = tp.importance.GroupTaylorImportance() if method == "tp-taylor" else tp.importance.GroupMagnitudeImportance(p=2)
+        ignored = [br[-1] for h in m.heads.values() for br in h.branches]
+        pruner = tp.pruner.MetaPruner(m, example, importance=imp, pruning_ratio=ratio, global_pruning=True,
+                                      ignored_layers=ignored)
+        pruner.step()
+        return m, 1.0 - _prunable_elements(m) / dense_elems
+
+    lo, hi = 0.0, 0.99
+    best = None
+    for _ in range(setup.args.tp_bisect_steps):
+        mid = (lo + hi) / 2
+        m, s = prune(mid)
+        if best is None or abs(s - sparsity) < abs(best[1] - sparsity):
+            best = (m, s, mid)
+        if abs(s - sparsity) < 0.005:  # 0.5 percentage points
+            break
+        lo, hi = (mid, hi) if s < sparsity else (lo, mid)
+    model, achieved, ratio = best
+    model.zero_grad(set_to_none=True)
+    return model, achieved, ratio
+
+
+def one_run(setup: Setup, granularity: str, sparsity: float, method: str, seed: int) -> dict:
+    args = setup.args
+    t0 = time.perf_counter()
+    extra = {}
+    if method == "dense+finetune":
+        model = copy.deepcopy(setup.dense)
+        trainable, achieved = model, 0.0
+    elif method.startswith("tp-"):
+        model, achieved, ratio = run_torch_pruning(setup, method, sparsity, seed)
+        trainable = model
+        extra["tp_channel_ratio"] = ratio
+    else:
+        result = run_compress(setup, method, granularity, sparsity, seed)
+        trainable = result
+        model = result.model
+        achieved = _achieved_element_sparsity(result) if granularity == "element" else result.plan.sparsity
+    t_compress = time.perf_counter() - t0
+    torch.manual_seed(seed)
+    t1 = time.perf_counter()
+    if method == "disparse-dynamic":
+        opt = torch.optim.Adam(result.model.parameters(), lr=args.lr / 2)
+        sched = dfx.DynamicSparsity(result, setup.losses, opt, end_step=max(2, int(0.75 * args.finetune_steps)),
+                                    update_every=max(1, args.finetune_steps // 10), init="plan", seed=seed)
+        dfx.finetune(result, setup.losses, setup.loader(seed), args.finetune_steps, dynamic=sched, progress=False)
+        achieved = sched.sparsity
+    else:
+        dfx.finetune(trainable, setup.losses, setup.loader(seed), args.finetune_steps, lr=args.lr / 2, progress=False)
+    t_ft = time.perf_counter() - t1
+    model.eval()
+    metrics = evaluate(model, setup.test, TASK_METRICS)
+    try:
+        dt = delta_t(metrics, setup.dense_metrics)
+    except ValueError:
+        dt = None
+    return dict(granularity=granularity, sparsity=sparsity, method=method, seed=seed, metrics=metrics,
+                delta_t=dt, achieved_sparsity=achieved, compress_s=t_compress, finetune_s=t_ft, **extra)
+
+
+# ------------------------------------------------------------------ report
+def _fmt_metric(values: List[float]) -> str:
+    return _common.mean_std(values, "{:.3f}")
+
+
+def report(setup: Setup, runs: List[dict], args, started: str, skipped: Dict[str, str]) -> str:
+    extra = [
+        f"model: DeepLab-ResNet 'tiny' (disparse_fx.zoo), tasks {list(DEFAULT_TASKS)}; data: built-in photo "
+        f"dataset, {setup.n['n_train']} train / {setup.n['n_test']} test crops of 64x64 (test photographs "
+        f"{', '.join(setup.splits.test.photos)})",
+        f"dense: {args.dense_steps} Adam steps, batch {args.batch_size}, lr {args.lr} (checkpoint "
+        f"`{setup.checkpoint.name}`, shared by every method and seed)",
+        f"per run: importance from {args.importance_batches} batches, then {args.finetune_steps} fine-tuning Adam "
+        f"steps at lr {args.lr / 2} (identical for every method); seeds {args.seeds} (seed drives the batch order, "
+        "random masks and tie-breaking)",
+        "Delta_T: mean over tasks of the mean relative change of the task's metrics vs dense, sign-flipped "
+        "for lower-is-better metrics, in % (higher is better; 0 = dense)",
+    ]
+    text = _common.header("Quality: DiSparse vs non-disentangled baselines", extra, started=started)
+    arrows = {f"{t} {m}": ("↑" if HIGHER_IS_BETTER.get(m, True) else "↓") for t, m in METRIC_COLUMNS}
+    headers = ["method", "sparsity reached"] + [f"{t} {m} {arrows[f'{t} {m}']}" for t, m in METRIC_COLUMNS] + \
+              ["Delta_T % ↑", "compress s"]
+    dense_row = ["dense (no pruning)", "0"] + [f"{setup.dense_metrics[t][m]:.3f}" for t, m in METRIC_COLUMNS] + ["0", ""]
+    ref = [r for r in runs if r["method"] == "dense+finetune"]
+    ref_row = (["dense + same fine-tuning", "0"] + [_fmt_metric([r["metrics"][t][m] for r in ref]) for t, m in METRIC_COLUMNS]
+               + [_common.mean_std([r["delta_t"] for r in ref], "{:+.2f}"), ""]) if ref else None
+    winners = []
+    for gran in ("element", "channel"):
+        for sp in (args.element if gran == "element" else args.channel):
+            cell = [r for r in runs if r["granularity"] == gran and r["sparsity"] == sp]
+            if not cell:
+                continue
+            rows = [dense_row] + ([ref_row] if ref_row else [])
+            stats = {}
+            for method in (args.methods_element if gran == "element" else args.methods_channel):
+                rs = [r for r in cell if r["method"] == method]
+                if not rs:
+                    continue
+                dts = [r["delta_t"] for r in rs if r["delta_t"] is not None]
+                if dts:
+                    stats[method] = (statistics.mean(dts), statistics.stdev(dts) if len(dts) > 1 else 0.0, len(dts))
+                rows.append([method, _common.mean_std([r["achieved_sparsity"] for r in rs], "{:.3f}")]
+                            + [_fmt_metric([r["metrics"][t][m] for r in rs]) for t, m in METRIC_COLUMNS]
+                            + [_common.mean_std(dts, "{:+.2f}"),
+                               _common.mean_std([r["compress_s"] for r in rs], "{:.1f}")])
+            text += f"## {gran} sparsity {sp:.0%}\n\n"
+            text += tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n\n"
+            if stats:
+                ranked = sorted(stats.items(), key=lambda kv: -kv[1][0])
+                ours = [kv for kv in ranked if kv[0].startswith("disparse")]
+                theirs = [kv for kv in ranked if not kv[0].startswith("disparse")]
+                line = f"| {gran} | {sp:.0%} | {ranked[0][0]} ({ranked[0][1][0]:+.2f} ± {ranked[0][1][1]:.2f}) |"
+                if ours and theirs:
+                    (om, (o, os_, _)), (tm, (b, bs, _)) = ours[0], theirs[0]
+                    diff = o - b
+                    noise = math.sqrt(os_ ** 2 + bs ** 2)
+                    verdict = ("DiSparse better" if diff > noise else "baseline better" if -diff > noise
+                               else "within noise (|diff| <= combined std)")
+                    line += f" {om} ({o:+.2f} ± {os_:.2f}) | {tm} ({b:+.2f} ± {bs:.2f}) | {diff:+.2f} | {verdict} |"
+                else:
+                    line += " | | | |"
+                winners.append(line)
+    if winners:
+        summary = ("## Summary: best Delta_T per setting\n\n"
+                   "| granularity | sparsity | best overall | best DiSparse | best baseline | DiSparse - baseline | reading |\n"
+                   "|---|---|---|---|---|---|---|\n" + "\n".join(winners) + "\n\n"
+                   "'within noise' means the difference of the means is not larger than the combined std of the "
+                   "two (sqrt(std1^2 + std2^2)) over seeds.\n\n")
+        text = text.replace("## ", summary + "## ", 1) if "## " in text else text + summary
+    for k, v in skipped.items():
+        text += f"- skipped {k}: {v}\n"
+    text += (f"\nDense training took {setup.dense_seconds:.0f} s (0 when loaded from the cache). Raw per-run "
+             "numbers: the JSON file next to this table.\n")
+    return text
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="5 seeds, 4x the fine-tuning budget")
+    ap.add_argument("--smoke", action="store_true", help="tiny configuration (seconds; used by the tests)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None)
+    ap.add_argument("--element", type=float, nargs="*", default=[0.7, 0.9, 0.95], help="element sparsities")
+    ap.add_argument("--channel", type=float, nargs="*", default=[0.3, 0.5, 0.7], help="channel sparsities")
+    ap.add_argument("--methods-element", nargs="*", default=ELEMENT_METHODS)
+    ap.add_argument("--methods-channel", nargs="*", default=CHANNEL_METHODS)
+    ap.add_argument("--dense-steps", type=int, default=600)
+    ap.add_argument("--finetune-steps", type=int, default=None, help="default 50 (200 with --full)")
+    ap.add_argument("--importance-batches", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--cache", type=pathlib.Path, default=None, help="dense checkpoint folder (default: cache_dir())")
+    ap.add_argument("--tp-bisect-steps", type=int, default=12, help="bisection steps of Torch-Pruning's ratio")
+    ap.add_argument("--resume", action="store_true", help="skip runs already in the JSON file")
+    ap.add_argument("--out", type=pathlib.Path, default=None)
+    _common.add_threads_argument(ap)
+    args = ap.parse_args(argv)
+    _common.set_threads(args.threads)
+    if args.seeds is None:
+        args.seeds = [0, 1, 2, 3, 4] if args.full else [0, 1, 2]
+    if args.finetune_steps is None:
+        args.finetune_steps = 200 if args.full else 50
+    if args.smoke:
+        args.seeds, args.element, args.channel = [0], [0.9], [0.5]
+        args.dense_steps, args.finetune_steps, args.importance_batches, args.batch_size = 3, 2, 2, 4
+        args.methods_element = ["erk-random", "disparse-dynamic"]
+        args.methods_channel = ["tp-taylor"]
+        args.tp_bisect_steps = 2
+        if args.cache is None and args.out is not None:
+            args.cache = args.out.parent
+    out = _common.out_path(args.out, args.smoke, "quality.md")
+    raw_path = out.with_suffix(".json") if out is not None else None
+    started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+
+    skipped = {}
+    why = torch_pruning_available()
+    if why is not None:
+        args.methods_channel = [m for m in args.methods_channel if not m.startswith("tp-")]
+        skipped["tp-magnitude, tp-taylor"] = f"torch-pruning is not importable ({why}); `pip install torch-pruning`"
+
+    setup = Setup(args)
+    runs: List[dict] = []
+    if args.resume and raw_path is not None and raw_path.exists():
+        runs = json.loads(raw_path.read_text())["runs"]
+    done = {(r["granularity"], r["sparsity"], r["method"], r["seed"]) for r in runs}
+    jobs = [("none", 0.0, "dense+finetune", s) for s in args.seeds]
+    jobs += [("element", sp, m, s) for sp in args.element for m in args.methods_element for s in args.seeds]
+    jobs += [("channel", sp, m, s) for sp in args.channel for m in args.methods_channel for s in args.seeds]
+    t_all = time.perf_counter()
+    for i, (gran, sp, method, seed) in enumerate(jobs):
+        if (gran, sp, method, seed) in done:
+            continue
+        t0 = time.perf_counter()
+        r = one_run(setup, "element" if gran == "none" else gran, sp, method, seed)
+        r["granularity"] = gran
+        runs.append(r)
+        print(f"[{i + 1}/{len(jobs)}] {gran} {sp} {method} seed {seed}: Delta_T "
+              f"{r['delta_t'] if r['delta_t'] is None else round(r['delta_t'], 2)}, sparsity "
+              f"{r['achieved_sparsity']:.3f}, {time.perf_counter() - t0:.0f} s (total {time.perf_counter() - t_all:.0f} s)",
+              flush=True)
+        if raw_path is not None:
+            raw_path.parent.mkdir(parents=True, exist_ok=True)
+            raw_path.write_text(json.dumps(dict(config={k: (str(v) if isinstance(v, pathlib.Path) else v)
+                                                        for k, v in vars(args).items()},
+                                                dense_metrics=setup.dense_metrics, runs=runs), indent=1))
+    _common.write(out, report(setup, runs, args, started, skipped))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
