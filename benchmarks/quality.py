@@ -31,8 +31,8 @@ Methods (``--methods``):
 Also reported: the dense model, and the dense model fine-tuned with the same budget
 (separates what fine-tuning alone does from what pruning costs).
 
-    python benchmarks/quality.py            # default sweep (3 seeds), ~1 h on 2 quiet cores
-    python benchmarks/quality.py --full     # 5 seeds, 4x the fine-tuning budget
+    python benchmarks/quality.py            # default sweep (3 seeds, 150 fine-tuning steps), ~1 h on 2 cores
+    python benchmarks/quality.py --full     # 5 seeds, 4x the fine-tuning budget (600 steps)
     python benchmarks/quality.py --smoke --out /tmp/q.md   # seconds; used by the tests
 
 Raw per-run numbers go to a JSON file next to the table (``--out`` with suffix .json);
@@ -105,6 +105,11 @@ class Setup:
         self.checkpoint = ckpt
         self.dense.eval()
         self.dense_metrics = evaluate(self.dense, self.test, TASK_METRICS)
+        # Delta_T needs a relative change: metrics whose dense value is 0 (or not finite) are left out
+        self.excluded = [f"{t} {m}" for t, ms in self.dense_metrics.items() for m, v in ms.items()
+                         if v == 0 or not math.isfinite(v)]
+        kept = {t: {m: v for m, v in ms.items() if v != 0 and math.isfinite(v)} for t, ms in self.dense_metrics.items()}
+        self.delta_dense = {t: ms for t, ms in kept.items() if ms}
 
     def loader(self, seed: int) -> DataLoader:
         gen = torch.Generator().manual_seed(1000 + seed)
@@ -240,8 +245,9 @@ def one_run(setup: Setup, granularity: str, sparsity: float, method: str, seed: 
     t_ft = time.perf_counter() - t1
     model.eval()
     metrics = evaluate(model, setup.test, TASK_METRICS)
+    dense = setup.delta_dense
     try:
-        dt = delta_t(metrics, setup.dense_metrics)
+        dt = delta_t({t: {m: metrics[t][m] for m in ms} for t, ms in dense.items()}, dense) if dense else None
     except ValueError:
         dt = None
     return dict(granularity=granularity, sparsity=sparsity, method=method, seed=seed, metrics=metrics,
@@ -264,7 +270,9 @@ def report(setup: Setup, runs: List[dict], args, started: str, skipped: Dict[str
         f"steps at lr {args.lr / 2} (identical for every method); seeds {args.seeds} (seed drives the batch order, "
         "random masks and tie-breaking)",
         "Delta_T: mean over tasks of the mean relative change of the task's metrics vs dense, sign-flipped "
-        "for lower-is-better metrics, in % (higher is better; 0 = dense)",
+        "for lower-is-better metrics, in % (higher is better; 0 = dense)"
+        + (f"; left out of Delta_T because the dense value is 0 (no relative change): {', '.join(setup.excluded)} "
+           f"- over tasks {list(setup.delta_dense)}" if setup.excluded else ""),
     ]
     text = _common.header("Quality: DiSparse vs non-disentangled baselines", extra, started=started)
     arrows = {f"{t} {m}": ("↑" if HIGHER_IS_BETTER.get(m, True) else "↓") for t, m in METRIC_COLUMNS}
@@ -324,6 +332,38 @@ def report(setup: Setup, runs: List[dict], args, started: str, skipped: Dict[str
     return text
 
 
+def plot(runs: List[dict], args, path: pathlib.Path) -> None:
+    """Delta_T (mean ± std over seeds) against sparsity, one panel per granularity."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, gran, methods, sps in ((axes[0], "element", args.methods_element, args.element),
+                                   (axes[1], "channel", args.methods_channel, args.channel)):
+        for method in methods:
+            xs, ys, es = [], [], []
+            for sp in sps:
+                v = [r["delta_t"] for r in runs if r["granularity"] == gran and r["sparsity"] == sp
+                     and r["method"] == method and r["delta_t"] is not None]
+                if v:
+                    xs.append(sp * 100)
+                    ys.append(statistics.mean(v))
+                    es.append(statistics.stdev(v) if len(v) > 1 else 0.0)
+            if xs:
+                style = "-" if method.startswith("disparse") else "--"
+                ax.errorbar(xs, ys, yerr=es, fmt="o" + style, capsize=3, label=method, lw=1.2, ms=4)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_title(f"{gran} granularity")
+        ax.set_xlabel("sparsity of prunable parameters (%)")
+        ax.set_ylabel("Delta_T vs dense (%), higher is better")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="5 seeds, 4x the fine-tuning budget")
@@ -334,7 +374,7 @@ def main(argv=None):
     ap.add_argument("--methods-element", nargs="*", default=ELEMENT_METHODS)
     ap.add_argument("--methods-channel", nargs="*", default=CHANNEL_METHODS)
     ap.add_argument("--dense-steps", type=int, default=600)
-    ap.add_argument("--finetune-steps", type=int, default=None, help="default 50 (200 with --full)")
+    ap.add_argument("--finetune-steps", type=int, default=None, help="default 150 (600 with --full)")
     ap.add_argument("--importance-batches", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -348,7 +388,7 @@ def main(argv=None):
     if args.seeds is None:
         args.seeds = [0, 1, 2, 3, 4] if args.full else [0, 1, 2]
     if args.finetune_steps is None:
-        args.finetune_steps = 200 if args.full else 50
+        args.finetune_steps = 600 if args.full else 150
     if args.smoke:
         args.seeds, args.element, args.channel = [0], [0.9], [0.5]
         args.dense_steps, args.finetune_steps, args.importance_batches, args.batch_size = 3, 2, 2, 4
@@ -392,7 +432,11 @@ def main(argv=None):
             raw_path.write_text(json.dumps(dict(config={k: (str(v) if isinstance(v, pathlib.Path) else v)
                                                         for k, v in vars(args).items()},
                                                 dense_metrics=setup.dense_metrics, runs=runs), indent=1))
-    _common.write(out, report(setup, runs, args, started, skipped))
+    text = report(setup, runs, args, started, skipped)
+    if out is not None:
+        plot(runs, args, out.with_suffix(".png"))
+        text += f"\n![Delta_T against sparsity]({out.with_suffix('.png').name})\n"
+    _common.write(out, text)
     return 0
 
 
