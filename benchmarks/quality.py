@@ -245,13 +245,17 @@ def one_run(setup: Setup, granularity: str, sparsity: float, method: str, seed: 
     t_ft = time.perf_counter() - t1
     model.eval()
     metrics = evaluate(model, setup.test, TASK_METRICS)
-    dense = setup.delta_dense
-    try:
-        dt = delta_t({t: {m: metrics[t][m] for m in ms} for t, ms in dense.items()}, dense) if dense else None
-    except ValueError:
-        dt = None
+    dt = _delta(setup, metrics)
     return dict(granularity=granularity, sparsity=sparsity, method=method, seed=seed, metrics=metrics,
                 delta_t=dt, achieved_sparsity=achieved, compress_s=t_compress, finetune_s=t_ft, **extra)
+
+
+def _delta(setup: Setup, metrics) -> Optional[float]:
+    dense = setup.delta_dense
+    try:
+        return delta_t({t: {m: metrics[t][m] for m in ms} for t, ms in dense.items()}, dense) if dense else None
+    except ValueError:
+        return None
 
 
 # ------------------------------------------------------------------ report
@@ -274,6 +278,7 @@ def report(setup: Setup, runs: List[dict], args, started: str, skipped: Dict[str
         + (f"; left out of Delta_T because the dense value is 0 (no relative change): {', '.join(setup.excluded)} "
            f"- over tasks {list(setup.delta_dense)}" if setup.excluded else ""),
     ]
+    extra += [f"PARTIAL SWEEP: {v}" for k, v in skipped.items() if k == "(partial sweep)"]
     text = _common.header("Quality: DiSparse vs non-disentangled baselines", extra, started=started)
     arrows = {f"{t} {m}": ("↑" if HIGHER_IS_BETTER.get(m, True) else "↓") for t, m in METRIC_COLUMNS}
     headers = ["method", "sparsity reached"] + [f"{t} {m} {arrows[f'{t} {m}']}" for t, m in METRIC_COLUMNS] + \
@@ -309,10 +314,11 @@ def report(setup: Setup, runs: List[dict], args, started: str, skipped: Dict[str
                 theirs = [kv for kv in ranked if not kv[0].startswith("disparse")]
                 line = f"| {gran} | {sp:.0%} | {ranked[0][0]} ({ranked[0][1][0]:+.2f} ± {ranked[0][1][1]:.2f}) |"
                 if ours and theirs:
-                    (om, (o, os_, _)), (tm, (b, bs, _)) = ours[0], theirs[0]
+                    (om, (o, os_, on)), (tm, (b, bs, bn)) = ours[0], theirs[0]
                     diff = o - b
                     noise = math.sqrt(os_ ** 2 + bs ** 2)
-                    verdict = ("DiSparse better" if diff > noise else "baseline better" if -diff > noise
+                    verdict = ("one seed: no noise estimate" if min(on, bn) < 2 else
+                               "DiSparse better" if diff > noise else "baseline better" if -diff > noise
                                else "within noise (|diff| <= combined std)")
                     line += f" {om} ({o:+.2f} ± {os_:.2f}) | {tm} ({b:+.2f} ± {bs:.2f}) | {diff:+.2f} | {verdict} |"
                 else:
@@ -326,7 +332,8 @@ def report(setup: Setup, runs: List[dict], args, started: str, skipped: Dict[str
                    "two (sqrt(std1^2 + std2^2)) over seeds.\n\n")
         text = text.replace("## ", summary + "## ", 1) if "## " in text else text + summary
     for k, v in skipped.items():
-        text += f"- skipped {k}: {v}\n"
+        if k != "(partial sweep)":
+            text += f"- skipped {k}: {v}\n"
     text += (f"\nDense training took {setup.dense_seconds:.0f} s (0 when loaded from the cache). Raw per-run "
              "numbers: the JSON file next to this table.\n")
     return text
@@ -381,6 +388,8 @@ def main(argv=None):
     ap.add_argument("--cache", type=pathlib.Path, default=None, help="dense checkpoint folder (default: cache_dir())")
     ap.add_argument("--tp-bisect-steps", type=int, default=12, help="bisection steps of Torch-Pruning's ratio")
     ap.add_argument("--resume", action="store_true", help="skip runs already in the JSON file")
+    ap.add_argument("--report-only", action="store_true",
+                    help="only rebuild the table from the JSON file (e.g. of an interrupted sweep)")
     ap.add_argument("--out", type=pathlib.Path, default=None)
     _common.add_threads_argument(ap)
     args = ap.parse_args(argv)
@@ -409,13 +418,21 @@ def main(argv=None):
 
     setup = Setup(args)
     runs: List[dict] = []
-    if args.resume and raw_path is not None and raw_path.exists():
+    if (args.resume or args.report_only) and raw_path is not None and raw_path.exists():
         runs = json.loads(raw_path.read_text())["runs"]
     done = {(r["granularity"], r["sparsity"], r["method"], r["seed"]) for r in runs}
     jobs = [("none", 0.0, "dense+finetune", s) for s in args.seeds]
     jobs += [("element", sp, m, s) for sp in args.element for m in args.methods_element for s in args.seeds]
     jobs += [("channel", sp, m, s) for sp in args.channel for m in args.methods_channel for s in args.seeds]
     t_all = time.perf_counter()
+    missing = [j for j in jobs if j not in done]
+    if args.report_only:
+        for r in runs:  # Delta_T from the stored metrics, as defined now
+            r["delta_t"] = _delta(setup, r["metrics"])
+        if missing:
+            skipped["(partial sweep)"] = (f"{len(missing)} of {len(jobs)} runs of this configuration "
+                                          "are missing (interrupted); cells show the seeds that ran")
+        jobs = []
     for i, (gran, sp, method, seed) in enumerate(jobs):
         if (gran, sp, method, seed) in done:
             continue
