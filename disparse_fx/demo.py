@@ -133,7 +133,7 @@ def run_demo(opts: DemoOptions, out: TextIO) -> int:
     torch.manual_seed(opts.seed)
     dense = deeplab_resnet(DEFAULT_TASKS, size=opts.size)
     key = hashlib.sha1(json.dumps(dict(size=opts.size, steps=opts.dense_steps, lr=opts.lr, seed=opts.seed,
-                                       bs=opts.batch_size, data=n, v=1), sort_keys=True).encode()).hexdigest()[:12]
+                                       bs=opts.batch_size, data=n, v=2), sort_keys=True).encode()).hexdigest()[:12]
     train_dense(dense, train, opts.dense_steps, opts.lr, opts.seed, cache_dir() / f"demo-dense-{key}.pt", say)
     dense.eval()
 
