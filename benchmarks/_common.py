@@ -38,6 +38,21 @@ def machine() -> str:
             f"{torch.get_num_threads()} torch threads; python {platform.python_version()}, torch {torch.__version__}")
 
 
+def git_commit() -> str:
+    """The repository commit the run used (and whether library files differed from it)."""
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "disparse_fx", "passes"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"commit {head}" + (" + uncommitted changes in disparse_fx/ or passes/" if dirty else "")
+
+
 def command() -> str:
     script = pathlib.Path(sys.argv[0])
     try:
@@ -52,7 +67,8 @@ def header(title: str, extra: Iterable[str] = (), *, started: Optional[str] = No
              f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}" + (f" (started {started})" if started else ""),
              f"- machine: {machine()}",
              f"- load average at the end of the run: {load_average()} (the machine is shared: other work was running)",
-             f"- command: `{command()}`"]
+             f"- command: `{command()}`",
+             f"- code: {git_commit()}"]
     lines += [f"- {e}" for e in extra]
     return "\n".join(lines) + "\n\n"
 

@@ -93,8 +93,14 @@ class Setup:
         self.test = DataLoader(self.splits.test, batch_size=32)
         torch.manual_seed(0)
         self.dense = deeplab_resnet(DEFAULT_TASKS, size="tiny")
+        # the key covers the code that shapes the checkpoint (data, losses, model), so a library
+        # change (e.g. a new task loss) never reuses a stale checkpoint
+        import inspect
+        import disparse_fx.data.multitask_photos as photos_mod
+        import disparse_fx.zoo.deeplab as deeplab_mod
+        src = hashlib.sha1((inspect.getsource(photos_mod) + inspect.getsource(deeplab_mod)).encode()).hexdigest()[:12]
         key = hashlib.sha1(json.dumps(dict(size="tiny", steps=args.dense_steps, lr=args.lr, seed=0,
-                                           bs=args.batch_size, data=n, v="bench-quality-1"),
+                                           bs=args.batch_size, data=n, v="bench-quality-2", src=src),
                                       sort_keys=True).encode()).hexdigest()[:12]
         ckpt = (args.cache or cache_dir()) / f"bench-quality-dense-{key}.pt"
         gen = torch.Generator().manual_seed(0)
