@@ -65,12 +65,13 @@ def naive_snip(model, data, losses):
     scores = {}
     for task, loss_fn in losses.items():
         m = copy.deepcopy(model).train()
-        acc = {n: torch.zeros_like(p) for n, p in m.named_parameters() if p.dim() > 1}
+        params = dict(m.named_parameters())
+        acc = {n: torch.zeros_like(p) for n, p in params.items() if p.dim() > 1}
         for batch in data:
             m.zero_grad()
             loss_fn(m(batch["input"])[task], batch).backward()
             for n, a in acc.items():
-                p = dict(m.named_parameters())[n]
+                p = params[n]
                 if p.grad is not None:
                     a += (p.grad * p.detach()).abs()
         scores[task] = acc
