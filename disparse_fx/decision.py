@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Hashable, Mapping, Sequence, Tuple
+from typing import Dict, Hashable, Mapping, Sequence
 
 import torch
 
@@ -64,25 +64,31 @@ def decide(
         total = offsets[p][1]
     device = next(iter(next(iter(scores.scores.values())).values())).device
 
-    # Per unit: normalised scores and the rank of each element in its domain.
-    ranks: Dict[Hashable, Tuple[torch.Tensor, torch.Tensor]] = {}  # unit -> (flat idx, rank)
+    # Per unit: normalised scores and the rank of each element in its domain. Memory
+    # is O(N) per unit at 4 bytes (int32 ranks); flat indices are rebuilt when needed.
+    ranks: Dict[Hashable, torch.Tensor] = {}
     normalised: Dict[Hashable, Dict[str, torch.Tensor]] = {}
     c = torch.full((total,), math.inf, dtype=torch.float64, device=device)
-    best_unit = torch.full((total,), -1, dtype=torch.long, device=device)
+    best_unit = torch.full((total,), -1, dtype=torch.int16, device=device)
     units = list(scores.scores)
+
+    def domain_index(u) -> torch.Tensor:
+        return torch.cat([torch.arange(*offsets[p], device=device) for p in scores.domains[u]])
+
     for ui, u in enumerate(units):
         dom = scores.domains[u]
-        idx = torch.cat([torch.arange(*offsets[p], device=device) for p in dom])
+        idx = domain_index(u)
         s = torch.cat([scores.scores[u][p].reshape(-1).float() for p in dom])
         s = s / s.sum().clamp_min(torch.finfo(torch.float32).tiny)
         pieces = s.split([_n(offsets, p) for p in dom])
         normalised[u] = {p: v.view(shapes[p]) for p, v in zip(dom, pieces)}
         rank = _rank_descending(s, seed=config.seed + ui)
-        ranks[u] = (idx, rank)
+        ranks[u] = rank.to(torch.int32)
         cu = (rank + 1).double() / len(s)
         better = cu < c[idx]
         c[idx] = torch.where(better, cu, c[idx])
-        best_unit[idx] = torch.where(better, torch.full_like(rank, ui), best_unit[idx])
+        best_unit[idx] = torch.where(better, torch.full_like(best_unit[idx], ui), best_unit[idx])
+        del rank, cu, better, idx
 
     floors = {p: layer_floor(_n(offsets, p), config.min_layer_density) for p in prunable}
     target_kept = max(round((1.0 - config.sparsity) * total), 1)
@@ -101,9 +107,9 @@ def decide(
     task_masks: Dict[Hashable, Dict[str, torch.Tensor]] = {}
     if config.disentangle:
         for ui, u in enumerate(units):
-            idx, rank = ranks[u]
+            rank = ranks[u]
             kept_u = torch.zeros(total, dtype=torch.bool, device=device)
-            kept_u[idx] = ((rank + 1).double() / len(rank)) <= r
+            kept_u[domain_index(u)] = ((rank.double() + 1) / len(rank)) <= r
             kept_u |= floor_extra & (best_unit == ui)
             task_masks[u] = {p: kept_u[slice(*offsets[p])].view(shapes[p]).clone() for p in scores.domains[u]}
         task_scores = normalised
