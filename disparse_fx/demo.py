@@ -39,6 +39,7 @@ from .data import HIGHER_IS_BETTER, TASK_METRICS, cache_dir, default_task_losses
 from .export import export_onnx
 from .latency import interleaved_latency, onnxruntime_runner, torch_runner
 from .overlap import mask_overlap
+from .report import write_report
 from .training import finetune
 from .zoo import DEFAULT_TASKS, deeplab_resnet
 
@@ -191,16 +192,14 @@ def run_demo(opts: DemoOptions, out: TextIO) -> int:
     say(table)
 
     overlap = mask_overlap(result)
-    overlap_png = folder / "mask_overlap.png"
-    if overlap.layers:
-        overlap.plot(overlap_png)
+    written = write_report(result, folder, example_inputs=(example,), slim_model=compact)
     (folder / "summary.md").write_text(
         f"# disparse_fx demo\n\n{table}\n\n## Plan\n\n{result.summary()}\n\n## Mask overlap\n\n"
         f"{overlap.table()}\n\nwatershed: {overlap.watershed}\n")
     say()
-    say(f"written to {folder}/: summary.md (this table, the per-layer plan, the mask overlap), "
-        f"dense.onnx, slim.onnx (onnxruntime parity {max(onnx_slim.max_abs_diff.values()):.1e})"
-        + (", mask_overlap.png" if overlap.layers else ""))
+    say(f"written to {folder}/: summary.md (this table, the plan, the mask overlap), "
+        + ", ".join(p.name for p in written.values())
+        + f", dense.onnx, slim.onnx (onnxruntime parity {max(onnx_slim.max_abs_diff.values()):.1e})")
     say(f"total time {time.perf_counter() - t_start:.0f} s")
     return 0
 

@@ -15,7 +15,8 @@ def test_demo_fast_mode(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("DISPARSE_FX_CACHE", str(tmp_path / "cache"))
     assert main(["demo", "--fast", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    for row in ("parameters", "FLOPs / image", "CPU latency, onnxruntime, batch 8", "segment miou", "Delta_T"):
+    for row in ("parameters", "FLOPs / image", "CPU latency, onnxruntime, batch 8", "segment miou", "Delta_T",
+                "graph.svg", "report.md"):
         assert row in out
     assert (tmp_path / "demo" / "slim.onnx").exists() and (tmp_path / "demo" / "summary.md").exists()
     # the second run loads the cached dense checkpoint instead of training again
