@@ -79,7 +79,7 @@ def mean_std(values, fmt: str = "{:.4f}") -> str:
         return "n/a"
     if len(values) == 1:
         return fmt.format(values[0])
-    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values)).lstrip('+')}"
 
 
 def out_path(arg: Optional[pathlib.Path], smoke: bool, name: str) -> Optional[pathlib.Path]:
