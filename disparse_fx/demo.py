@@ -78,9 +78,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--out", default=d.out, help="output folder (report, ONNX files, plots)")
     parser.add_argument("--fast", action="store_true", help="a few steps on a few crops (smoke test)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the tiny model gains little from more, and a "
+                             "shared machine's busy cores stall multi-threaded runs many times over)")
 
 
 def run_from_args(args, out: TextIO) -> int:
+    if args.threads < 1:
+        raise DisparseValueError(f"demo --threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     opts = DemoOptions(sparsity=args.sparsity, criterion=args.criterion, granularity=args.granularity,
                        disentangle=not args.baseline, size=args.size, dense_steps=args.dense_steps,
                        finetune_steps=args.finetune_steps, seed=args.seed, out=args.out, fast=args.fast)

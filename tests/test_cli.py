@@ -40,6 +40,8 @@ def test_failure_is_one_line_exit_1():
 def test_bad_demo_option_fails_before_any_work():
     res = run_cli("demo", "--dense-steps", "0")
     assert res.returncode == 1 and res.stderr.strip() == "disparse-fx: error: demo --dense-steps must be >= 1, got 0"
+    res = run_cli("demo", "--threads", "0")
+    assert res.returncode == 1 and res.stderr.strip() == "disparse-fx: error: demo --threads must be >= 1, got 0"
 
 
 @pytest.mark.parametrize("flag", ["--debug"])
