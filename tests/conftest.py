@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -13,3 +14,17 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 # The suite runs under pytest-xdist with one worker per core; tiny models are several
 # times faster single-threaded than with two workers oversubscribing two cores.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Every test (and every subprocess it starts) gets a private data/checkpoint cache:
+    the suite never reads or writes the user's ~/.cache, and concurrent runs (a benchmark
+    beside the tests) cannot race on one cache file."""
+    old = os.environ.get("DISPARSE_FX_CACHE")
+    os.environ["DISPARSE_FX_CACHE"] = str(tmp_path_factory.mktemp("disparse_fx_cache"))
+    yield
+    if old is None:
+        os.environ.pop("DISPARSE_FX_CACHE", None)
+    else:
+        os.environ["DISPARSE_FX_CACHE"] = old
