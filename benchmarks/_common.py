@@ -53,6 +53,9 @@ def git_commit() -> str:
     return f"commit {head}" + (" + uncommitted changes in disparse_fx/ or passes/" if dirty else "")
 
 
+GIT_AT_START = git_commit()  # the scripts import this module first thing: the code the run used
+
+
 def command() -> str:
     script = pathlib.Path(sys.argv[0])
     try:
@@ -68,7 +71,7 @@ def header(title: str, extra: Iterable[str] = (), *, started: Optional[str] = No
              f"- machine: {machine()}",
              f"- load average at the end of the run: {load_average()} (the machine is shared: other work was running)",
              f"- command: `{command()}`",
-             f"- code: {git_commit()}"]
+             f"- code (at the start of the run): {GIT_AT_START}"]
     lines += [f"- {e}" for e in extra]
     return "\n".join(lines) + "\n\n"
 
