@@ -408,7 +408,7 @@ def main(argv=None):
         args.seeds, args.element, args.channel = [0], [0.9], [0.5]
         args.dense_steps, args.finetune_steps, args.importance_batches, args.batch_size = 3, 2, 2, 4
         args.methods_element = ["erk-random", "disparse-dynamic"]
-        args.methods_channel = ["tp-taylor"]
+        args.methods_channel = ["disparse-magnitude", "tp-taylor"]  # the section exists without torch-pruning too
         args.tp_bisect_steps = 2
         if args.cache is None and args.out is not None:
             args.cache = args.out.parent
