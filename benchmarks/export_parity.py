@@ -10,9 +10,7 @@ which checks onnxruntime against PyTorch on two batch sizes.
 from __future__ import annotations
 
 import argparse
-import datetime
 import pathlib
-import platform
 import sys
 import tempfile
 
@@ -20,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
-import disparse_fx as dfx
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import disparse_fx as dfx  # noqa: E402
 from disparse_fx.zoo import DEFAULT_TASKS, deeplab_resnet, multitask_from_torchvision
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 TASKS3 = {"seg": ("dense", 3), "cls": ("classify", 5), "reg": ("regress", 1)}
 
 
@@ -58,11 +58,8 @@ def run(args) -> str:
                              ",".join(map(str, rep.batch_sizes))])
     table = tabulate(rows, headers=["model", "variant", "parameters", "ONNX MB", "max |ort - torch| per output",
                                     "worst / scale", "batch sizes"], tablefmt="github", disable_numparse=True)
-    return (f"# ONNX export parity and size, dense vs slim (50% channel sparsity)\n\n"
-            f"- date: {datetime.date.today().isoformat()}\n"
-            f"- machine: {platform.machine()}, torch {torch.__version__}, onnxruntime CPU\n"
-            f"- command: `python {' '.join(sys.argv)}`\n"
-            "- allowed: max abs diff <= 1e-4 x max(output scale, 1)\n\n" + table + "\n")
+    extra = ["allowed: max abs diff <= 1e-4 x max(output scale, 1); onnxruntime CPU"]
+    return _common.header("ONNX export parity and size, dense vs slim (50% channel sparsity)", extra) + table + "\n"
 
 
 def main(argv=None) -> int:
@@ -70,12 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=pathlib.Path, default=None)
     args = ap.parse_args(argv)
-    text = run(args)
-    out = args.out or (None if args.smoke else RESULTS / "export_parity.md")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-    print(text)
+    _common.write(_common.out_path(args.out, args.smoke, "export_parity.md"), run(args))
     return 0
 
 

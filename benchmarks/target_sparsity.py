@@ -9,9 +9,7 @@ fraction of prunable parameters removed after slimming) within 1 point.
 from __future__ import annotations
 
 import argparse
-import datetime
 import pathlib
-import platform
 import sys
 import time
 
@@ -19,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
-import disparse_fx as dfx
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import disparse_fx as dfx  # noqa: E402
 from disparse_fx.zoo import deeplab_resnet, multitask_from_torchvision
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def models(smoke: bool):
@@ -67,11 +67,8 @@ def run(args) -> str:
                                  f"{time.perf_counter() - t0:.1f}"])
     table = tabulate(rows, headers=["model", "granularity", "criterion", "target", "achieved",
                                     "error (points)", "within tolerance", "compress s"], tablefmt="github")
-    return (f"# Achieved vs target sparsity\n\n- date: {datetime.date.today().isoformat()}\n"
-            f"- machine: {platform.machine()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}\n"
-            f"- command: `python {' '.join(sys.argv)}`\n"
-            "- tolerance: 0.25 points (element), 1 point after slimming (channel); 2 random batches of 2x3x64x64\n\n"
-            + table + "\n")
+    extra = ["tolerance: 0.25 points (element), 1 point after slimming (channel); 2 random batches of 2x3x64x64"]
+    return _common.header("Achieved vs target sparsity", extra) + table + "\n"
 
 
 def main(argv=None) -> int:
@@ -79,12 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=pathlib.Path, default=None)
     args = ap.parse_args(argv)
-    text = run(args)
-    out = args.out or (None if args.smoke else RESULTS / "target_sparsity.md")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-    print(text)
+    _common.write(_common.out_path(args.out, args.smoke, "target_sparsity.md"), run(args))
     return 0
 
 
