@@ -132,8 +132,12 @@ def run_demo(opts: DemoOptions, out: TextIO) -> int:
     splits = make_splits(seed=opts.seed, **n)
     say(f"data: {len(splits.train)} train / {len(splits.test)} test crops of 64x64 from scikit-image photographs "
         f"(test photographs {', '.join(splits.test.photos)}); tasks {list(DEFAULT_TASKS)}")
-    gen = torch.Generator().manual_seed(opts.seed)
-    train = DataLoader(splits.train, batch_size=opts.batch_size, shuffle=True, generator=gen, drop_last=True)
+    def train_loader(stream: int) -> DataLoader:
+        # one seeded batch order per stage, so results do not depend on whether the dense
+        # checkpoint came from the cache (training would otherwise consume the generator)
+        gen = torch.Generator().manual_seed(opts.seed * 1000 + stream)
+        return DataLoader(splits.train, batch_size=opts.batch_size, shuffle=True, generator=gen, drop_last=True)
+
     test = DataLoader(splits.test, batch_size=32)
     losses = default_task_losses()
 
@@ -141,16 +145,17 @@ def run_demo(opts: DemoOptions, out: TextIO) -> int:
     dense = deeplab_resnet(DEFAULT_TASKS, size=opts.size)
     key = hashlib.sha1(json.dumps(dict(size=opts.size, steps=opts.dense_steps, lr=opts.lr, seed=opts.seed,
                                        bs=opts.batch_size, data=n, v=2), sort_keys=True).encode()).hexdigest()[:12]
-    train_dense(dense, train, opts.dense_steps, opts.lr, opts.seed, cache_dir() / f"demo-dense-{key}.pt", say)
+    train_dense(dense, train_loader(0), opts.dense_steps, opts.lr, opts.seed, cache_dir() / f"demo-dense-{key}.pt", say)
     dense.eval()
 
     t0 = time.perf_counter()
-    result = compress(dense, losses, train, config)
+    torch.manual_seed(opts.seed)
+    result = compress(dense, losses, train_loader(1), config)
     say(f"compress: {opts.granularity} granularity, criterion {opts.criterion}, "
         f"{'DiSparse (per-task, unanimous)' if opts.disentangle else 'summed-loss baseline'}: sparsity "
         f"{result.plan.sparsity:.4f} (target {opts.sparsity}) in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
-    finetune(result, losses, train, opts.finetune_steps, lr=opts.lr / 2, progress=True)
+    finetune(result, losses, train_loader(2), opts.finetune_steps, lr=opts.lr / 2, progress=True)
     say(f"fine-tune: {opts.finetune_steps} steps in {time.perf_counter() - t0:.0f} s")
     compact = slim(result)
     compact.eval()
