@@ -42,7 +42,7 @@ import functools
 import logging
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
@@ -61,7 +61,11 @@ __all__ = [
     "ChannelGroups",
     "RuleContext",
     "find_channel_groups",
+    "ATTENTION_POLICIES",
 ]
+
+#: What a channel of an attention block is (see passes.rules.attention).
+ATTENTION_POLICIES = ("heads", "head_dims")
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +145,12 @@ class ChannelGroups:
     Group channel ``c`` of group ``g`` has the *global channel id*
     ``offsets[g] + c``; ``node_channels[node]`` gives, for every tensor a node outputs,
     ``{dim: LongTensor of global channel ids}`` (a tuple of those for tuple outputs).
+    ``internal_channels[node]`` gives ``{name: global channel ids}`` for channels that
+    live inside one op (the heads of an attention module: ``{"heads": ...}``);
+    ``normalizations`` are the ops that normalise over a removable channel dim
+    (LayerNorm over tokens' channels): the masked model computes their statistics over
+    the kept channels only. ``attention``: "heads" or "head_dims", what a channel of an
+    attention block is (see :mod:`passes.rules.attention`).
     """
 
     groups: Tuple[ChannelGroup, ...]
@@ -153,6 +163,9 @@ class ChannelGroups:
     input_specs: Tuple[Any, ...]
     param_shapes: Mapping[str, Tuple[int, ...]]
     buffers: FrozenSet[str] = frozenset()
+    internal_channels: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=lambda: MappingProxyType({}))
+    normalizations: Tuple[Contraction, ...] = ()
+    attention: str = "heads"
 
     def __repr__(self) -> str:
         return (f"ChannelGroups({len(self.groups)} groups, {len(self.removable_groups())} removable, "
@@ -416,14 +429,42 @@ class RuleContext:
         """This op sums ``x`` over ``dim``: removed channels must be zero when it reads them."""
         if not isinstance(x, TensorInfo) or self.labels(x, dim) is None:
             return
-        src = None
-        for n in self.node.all_input_nodes:
-            if self._e.infos.get(n) is x:
-                src = n
-                break
+        src = self._source_of(x)
         if src is None:
             return
         self._e.contractions.append((self.node.name, src.name, x.dim(dim), weight))
+
+    def normalize(self, x: Any, dim: int) -> None:
+        """This op normalises ``x`` over ``dim`` (LayerNorm statistics): removing a channel
+        changes the others' values, so the masked model computes the statistics over the
+        kept channels only (:func:`passes.insert_channel_masks.masked_layer_norm`)."""
+        if not isinstance(x, TensorInfo) or self.labels(x, dim) is None:
+            return
+        src = self._source_of(x)
+        if src is not None:
+            self._e.norms.append((self.node.name, src.name, x.dim(dim), None))
+
+    def internal(self, name: str, labels: torch.Tensor) -> None:
+        """Channels that live inside this op only (an attention module's heads): the
+        mask and slim hooks of its rule read their keep flags by ``name``."""
+        self._e.internals.setdefault(self.node.name, {})[name] = labels
+
+    @property
+    def attention(self) -> str:
+        """What a channel of an attention block is: "heads" or "head_dims"."""
+        return self._e.attention
+
+    @property
+    def head_split(self) -> Optional[str]:
+        """The attention policy if this node may split q, k or v into heads (it feeds an
+        attention product through shape ops only), else None."""
+        return self._e.attention if self.node.name in self._e.head_splits else None
+
+    def _source_of(self, x: TensorInfo) -> Optional[fx.Node]:
+        for n in self.node.all_input_nodes:
+            if self._e.infos.get(n) is x:
+                return n
+        return None
 
     def resolve(self, labels: torch.Tensor) -> torch.Tensor:
         find = self._e.uf.find
@@ -447,8 +488,14 @@ class RuleContext:
 
 
 class _Analysis(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, attention: str = "heads"):
         super().__init__(gm, garbage_collect_values=True)
+        from .rules.attention import find_head_splits
+
+        self.attention = attention
+        self.head_splits = find_head_splits(gm)
+        self.norms: List[Tuple[str, str, int, None]] = []
+        self.internals: Dict[str, Dict[str, torch.Tensor]] = {}
         self.uf = _UnionFind()
         self.sources: List[List[Any]] = []  # [start, n, link]
         self.member_src: Dict[Tuple[str, int], int] = {}
@@ -764,6 +811,9 @@ class _Analysis(fx.Interpreter):
             if c not in seen:
                 seen.add(c)
                 contractions.append(Contraction(*c))
+        internal = {node: MappingProxyType({k: gids(lab) for k, lab in d.items()})
+                    for node, d in self.internals.items()}
+        norms = tuple(Contraction(*c) for c in dict.fromkeys(self.norms))
         param_shapes = {}
         for (name, _dim) in self.members:
             param_shapes[name] = tuple(self.tensors[name].shape)
@@ -778,11 +828,14 @@ class _Analysis(fx.Interpreter):
             input_specs=tuple(self.input_specs),
             param_shapes=MappingProxyType(param_shapes),
             buffers=frozenset(n for n in param_shapes if n in self.buffer_names),
+            internal_channels=MappingProxyType(internal),
+            normalizations=norms,
+            attention=self.attention,
         )
 
 
-def _run(gm: fx.GraphModule, example_inputs: tuple, *, fake: bool) -> "_Analysis":
-    analysis = _Analysis(gm)
+def _run(gm: fx.GraphModule, example_inputs: tuple, *, fake: bool, attention: str) -> "_Analysis":
+    analysis = _Analysis(gm, attention)
     with torch.no_grad():
         if not fake:
             analysis.run(*example_inputs)
@@ -802,6 +855,7 @@ def find_channel_groups(
     *,
     prunable: Optional[Callable[[str, nn.Parameter], bool]] = None,
     fake_tensors: bool = True,
+    attention: str = "heads",
 ) -> ChannelGroups:
     """Find the channel groups of ``gm`` (see the module docstring).
 
@@ -816,11 +870,16 @@ def find_channel_groups(
             element-level "prunable weights" set here.
         fake_tensors: propagate shapes with fake tensors (no arithmetic, fast); if an op
             cannot run on fake tensors, the model runs for real (in eval mode, no grad).
+        attention: what a channel of an attention block is: ``"heads"`` (a whole head:
+            its q, k and v rows and its out-projection columns) or ``"head_dims"`` (one
+            dimension of every head: the same position in each head, q and k together).
 
     Raises :class:`UnsupportedOpError` for an op without a channel rule.
     """
     if not isinstance(gm, fx.GraphModule):
         raise DisparseValueError(f"find_channel_groups expects an fx.GraphModule, got {type(gm).__name__}")
+    if attention not in ATTENTION_POLICIES:
+        raise DisparseValueError(f"attention must be one of {ATTENTION_POLICIES}, got {attention!r}")
     if not isinstance(example_inputs, tuple):
         example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
     modes = [(m, m.training) for m in gm.modules()]
@@ -829,14 +888,14 @@ def find_channel_groups(
         analysis = None
         if fake_tensors:
             try:
-                analysis = _run(gm, example_inputs, fake=True)
+                analysis = _run(gm, example_inputs, fake=True, attention=attention)
             except UnsupportedOpError:
                 raise
             except Exception as exc:  # noqa: BLE001 - an op fake tensors cannot run: run for real
                 log.debug("fake-tensor shape propagation failed (%s: %s); running the model",
                           type(exc).__name__, exc)
         if analysis is None:
-            analysis = _run(gm, example_inputs, fake=False)
+            analysis = _run(gm, example_inputs, fake=False, attention=attention)
     finally:
         for m, mode in modes:
             m.training = mode

@@ -60,7 +60,8 @@ from .errors import DisparseValueError
 from .rules import register_channel_rule
 from .rules.elementwise import elementwise
 
-__all__ = ["insert_channel_masks", "channel_mask", "is_channel_mask", "fold_channel_masks", "MASK_MODULE"]
+__all__ = ["insert_channel_masks", "channel_mask", "is_channel_mask", "fold_channel_masks", "MASK_MODULE",
+           "masked_layer_norm", "masked_rms_norm", "is_masked_norm"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,53 @@ def channel_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 torch.fx.wrap("channel_mask")
 # a model that already holds channel masks can be analysed too: a mask keeps channels
 register_channel_rule(channel_mask)(elementwise)
+
+
+def masked_layer_norm(x: torch.Tensor, keep: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor] = None,
+                      bias: Optional[torch.Tensor] = None, eps: float = 1e-5, module: Optional[str] = None) -> torch.Tensor:
+    """``layer_norm`` over the last dim with statistics over the kept channels only
+    (``keep``: 0/1 per channel), so the kept channels get exactly what the slim model's
+    narrower LayerNorm gives them. ``module``: the LayerNorm module this call replaces
+    (None for a functional ``layer_norm``), so the pass can be undone."""
+    n = keep.sum()
+    mean = (x * keep).sum(-1, keepdim=True) / n
+    centred = (x - mean) * keep
+    var = (centred * centred).sum(-1, keepdim=True) / n
+    y = centred * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def masked_rms_norm(x: torch.Tensor, keep: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor] = None,
+                    eps: Optional[float] = None, module: Optional[str] = None) -> torch.Tensor:
+    """``rms_norm`` over the last dim with the mean square over the kept channels only."""
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    ms = (x * x * keep).sum(-1, keepdim=True) / keep.sum()
+    y = x * keep * torch.rsqrt(ms + eps)
+    return y * weight if weight is not None else y
+
+
+torch.fx.wrap("masked_layer_norm")
+torch.fx.wrap("masked_rms_norm")
+_MASKED_NORMS = (masked_layer_norm, masked_rms_norm)
+
+
+def _register_masked_norm_rule() -> None:
+    from .rules.norm import _masked_norm
+
+    register_channel_rule(*_MASKED_NORMS)(_masked_norm)
+
+
+_register_masked_norm_rule()
+
+
+def is_masked_norm(node: fx.Node) -> bool:
+    """Whether ``node`` is a LayerNorm / RMSNorm rewritten to masked statistics."""
+    return node.op == "call_function" and node.target in _MASKED_NORMS
 
 
 def is_channel_mask(node: fx.Node) -> bool:
@@ -110,6 +158,10 @@ def fold_channel_masks(gm: fx.GraphModule) -> int:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             count += 1
+        elif is_masked_norm(node):
+            _restore_norm(gm, node)
+            count += 1
+    count += _unmask_attention(gm)
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and str(node.target).startswith(MASK_MODULE + ".") and not node.users:
             gm.graph.erase_node(node)
@@ -118,6 +170,92 @@ def fold_channel_masks(gm: fx.GraphModule) -> int:
     if count:
         gm.recompile()
     return count
+
+
+def _restore_norm(gm: fx.GraphModule, node: fx.Node) -> None:
+    """masked_layer_norm(x, keep, shape, w, b, eps, module=m) -> m(x) or layer_norm(x, shape, w, b, eps)."""
+    args = list(node.args) + [None] * (7 - len(node.args))
+    for k, v in node.kwargs.items():
+        args[["x", "keep", "normalized_shape", "weight", "bias", "eps", "module"].index(k)] = v
+    rms = node.target is masked_rms_norm
+    if rms:  # (x, keep, shape, weight, eps, module)
+        x, _keep, shape, weight, eps, module = args[:6]
+        bias = None
+    else:
+        x, _keep, shape, weight, bias, eps, module = args[:7]
+    if module is not None:
+        node.op, node.target, node.args, node.kwargs = "call_module", module, (x,), {}
+    elif rms:
+        node.target, node.args, node.kwargs = torch.nn.functional.rms_norm, (x, shape, weight, eps), {}
+    else:
+        node.target, node.args, node.kwargs = torch.nn.functional.layer_norm, (x, shape, weight, bias, eps), {}
+
+
+def _unmask_attention(gm: fx.GraphModule) -> int:
+    """Attention modules carrying head masks get a mask-free twin (same parameters)."""
+    try:
+        from .attention import MultiheadAttention
+    except ImportError:
+        return 0
+    from .rules.attention import _mha_sizes, replace_submodule
+
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = gm.get_submodule(node.target)
+        if isinstance(m, MultiheadAttention) and any(
+                getattr(m, b, None) is not None for b in ("head_keep", "qk_dim_keep", "v_dim_keep")):
+            h, dqk, dv, scale = _mha_sizes(m)
+            replace_submodule(gm, node.target, MultiheadAttention.rebuild(
+                m, num_heads=h, head_dim=dqk, v_head_dim=dv, scale=scale))
+            count += 1
+    return count
+
+
+def _mask_norms(gm: fx.GraphModule, groups: ChannelGroups, flat: torch.Tensor, holder: nn.Module,
+                nodes: Dict[str, fx.Node], device, dtype) -> int:
+    """Rewrite every LayerNorm / RMSNorm over removed channels to masked statistics."""
+    count = 0
+    for c in groups.normalizations:
+        ch = groups.node_channels.get(c.arg)
+        gids = ch.get(c.dim) if isinstance(ch, Mapping) else None
+        node = nodes.get(c.consumer)
+        if gids is None or node is None or bool(flat[gids].all()):
+            continue
+        name = f"{c.consumer}_norm"
+        holder.register_buffer(name, flat[gids].to(device=device, dtype=dtype))
+        with gm.graph.inserting_before(node):
+            keep = gm.graph.get_attr(f"{MASK_MODULE}.{name}")
+            if node.op == "call_module":
+                m = gm.get_submodule(node.target)
+                params = [gm.graph.get_attr(f"{node.target}.{p}") if getattr(m, p, None) is not None else None
+                          for p in (("weight",) if _is_rms(m) else ("weight", "bias"))]
+                x = node.args[0] if node.args else node.kwargs["input"]
+                shape = tuple(m.normalized_shape)
+                args = (x, keep, shape, *params, m.eps, node.target)
+                node.op = "call_function"
+            else:
+                a = list(node.args)
+                names = ("input", "normalized_shape", "weight", "eps") if _is_rms_fn(node.target) else \
+                    ("input", "normalized_shape", "weight", "bias", "eps")
+                vals = [a[i] if i < len(a) else node.kwargs.get(n) for i, n in enumerate(names)]
+                if vals[-1] is None and not _is_rms_fn(node.target):
+                    vals[-1] = 1e-5
+                args = (vals[0], keep, *vals[1:], None)
+        rms = _is_rms(gm.get_submodule(node.target)) if isinstance(node.target, str) else _is_rms_fn(node.target)
+        node.target = masked_rms_norm if rms else masked_layer_norm
+        node.args, node.kwargs = args, {}
+        count += 1
+    return count
+
+
+def _is_rms(m: nn.Module) -> bool:
+    return type(m).__name__ == "RMSNorm"
+
+
+def _is_rms_fn(fn) -> bool:
+    return getattr(fn, "__name__", "") == "rms_norm"
 
 
 def mask_plan(groups: ChannelGroups, flat: torch.Tensor) -> Dict[Tuple[str, int], torch.Tensor]:
@@ -153,10 +291,9 @@ def add_channel_masks_(gm: fx.GraphModule, groups: ChannelGroups, flat: torch.Te
         name = f"{arg}_dim{dim}"
         holder.register_buffer(name, kept.to(device=device, dtype=dtype).view(view))
         names[(arg, dim)] = name
-    if not names:
-        return 0
     gm.add_submodule(MASK_MODULE, holder)
-    count = 0
+    count = _mask_norms(gm, groups, flat, holder, nodes, device, dtype)
+    count += _mask_internal(gm, groups, flat, nodes)
     for c in groups.contractions:
         key = (c.arg, c.dim)
         if key not in names or c.consumer not in nodes or c.arg not in nodes:
@@ -170,9 +307,29 @@ def add_channel_masks_(gm: fx.GraphModule, groups: ChannelGroups, flat: torch.Te
         masked.meta[META_KEY] = {"node": c.arg, "dim": c.dim}
         consumer.replace_input_with(arg, masked)
         count += 1
+    if not count and not len(holder._buffers):
+        delattr(gm, MASK_MODULE)
     gm.graph.lint()
     gm.recompile()
     log.debug("inserted %d channel-mask nodes (%d mask buffers)", count, len(names))
+    return count
+
+
+def _mask_internal(gm: fx.GraphModule, groups: ChannelGroups, flat: torch.Tensor, nodes: Dict[str, fx.Node]) -> int:
+    """Ops with removed internal channels (attention heads) get masked by their rule."""
+    from .rules import lookup_channel_rule
+    from .slim import SlimContext
+
+    count = 0
+    for name, internal in groups.internal_channels.items():
+        node = nodes.get(name)
+        if node is None or all(bool(flat[g].all()) for g in internal.values()):
+            continue
+        rule = lookup_channel_rule(node, gm)
+        if rule.mask is None:
+            continue  # masked through the weight arguments it contracts (Swin's window attention)
+        rule.mask(SlimContext(gm, node, groups, flat))
+        count += 1
     return count
 
 

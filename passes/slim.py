@@ -42,8 +42,8 @@ import torch.nn as nn
 
 from .channel_groups import ChannelGroups
 from .errors import DisparseValueError, PostconditionError
-from .insert_channel_masks import (MASK_MODULE, fold_channel_masks, is_channel_mask, mask_plan,
-                                   masked_view)
+from .insert_channel_masks import (MASK_MODULE, fold_channel_masks, is_channel_mask, is_masked_norm,
+                                   mask_plan, masked_view)
 from .rules import describe, lookup_channel_rule
 
 __all__ = ["slim_channels", "slim", "channels_emptied_by", "SlimContext", "check_parity"]
@@ -78,6 +78,11 @@ class SlimContext:
     def shape(self, n: Any) -> Any:
         """The node's output shape on the example inputs (before slimming)."""
         return self.groups.node_shapes.get(self._name(n))
+
+    def internal(self, name: str) -> torch.Tensor:
+        """Keep flags of this node's internal channels ``name`` (e.g. an attention
+        module's ``"heads"``)."""
+        return self.keep[self.groups.internal_channels[self.node.name][name]]
 
     def kept_count(self, n: Any, dim: int, default: Optional[int] = None) -> int:
         ch = self.channels(n)
@@ -143,7 +148,7 @@ def slim_channels(gm: fx.GraphModule, groups: ChannelGroups, keep: Mapping[int, 
     (naming this pass) if a postcondition fails.
     """
     flat = groups.keep_vector(keep)
-    had_masks = any(is_channel_mask(n) for n in gm.graph.nodes)
+    had_masks = any(is_channel_mask(n) or is_masked_norm(n) for n in gm.graph.nodes)
     if had_masks:
         _check_masks_agree(gm, groups, flat)
     new = copy.deepcopy(gm)
@@ -154,7 +159,7 @@ def slim_channels(gm: fx.GraphModule, groups: ChannelGroups, keep: Mapping[int, 
     new.delete_all_unused_submodules()
     new.recompile()
     if check:
-        leftover = [n.name for n in new.graph.nodes if is_channel_mask(n)]
+        leftover = [n.name for n in new.graph.nodes if is_channel_mask(n) or is_masked_norm(n)]
         if leftover:
             raise PostconditionError(f"{PASS_NAME}: mask nodes left in the slim graph: {leftover}")
         try:
@@ -231,6 +236,8 @@ def _touched(node: fx.Node, groups: ChannelGroups, flat: torch.Tensor) -> bool:
         return False
 
     if removed(groups.node_channels.get(node.name)):
+        return True
+    if any(not bool(flat[g].all()) for g in groups.internal_channels.get(node.name, {}).values()):
         return True
     return any(removed(groups.node_channels.get(n.name)) or n.name in groups.size_dependent
                for n in node.all_input_nodes)
@@ -396,6 +403,14 @@ def channels_emptied_by(groups: ChannelGroups, element_masks: Mapping[str, torch
         covered = torch.zeros(n, dtype=torch.bool)
         covered[w_gids] = True
         live[gids[~covered[gids]]] = True
+    for c in groups.normalizations:  # statistics read every channel
+        ch = groups.node_channels.get(c.arg)
+        gids = ch.get(c.dim) if isinstance(ch, Mapping) else None
+        if gids is not None:
+            read[gids] = True
+    for internal in groups.internal_channels.values():  # read inside one op (attention heads)
+        for gids in internal.values():
+            read[gids] = True
     emptied = ~(read | live)
     keep: Dict[int, torch.Tensor] = {}
     for g in groups.groups:

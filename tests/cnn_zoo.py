@@ -205,7 +205,7 @@ class DecoderNet(nn.Module):
 
 class NormNet(nn.Module):
     """GroupNorm (whole norm groups removed), InstanceNorm, PReLU per channel, LayerNorm
-    over channels (pinned), padding and dropout."""
+    over channels (channels-last; removable, masked statistics), padding and dropout."""
 
     def __init__(self, w: int = 8):
         super().__init__()

@@ -117,13 +117,30 @@ def test_grouped_conv_couples_positions_and_depthwise_whole_groups():
     assert ms.index.tolist() == [0, 1] * 4
 
 
-def test_layer_norm_over_channels_pins_them():
+def test_layer_norm_over_the_last_dim_is_a_normalisation_not_a_pin():
     model, x = build("norm")
     groups = find_channel_groups(trace_model(model), (x,))
     (g, _), = member(groups, "ln.weight", 0)
-    assert not g.removable and "LayerNorm" in g.reason and "statistics" in g.reason
+    assert g.removable
+    # the masked model will take the LayerNorm's statistics over the kept channels
+    assert [(c.consumer, c.dim) for c in groups.normalizations] == [("ln", 3)]
     (g, _), = member(groups, "inorm.weight", 0)
     assert g.removable
+
+
+def test_layer_norm_over_several_dims_pins_their_channels():
+    class TwoDimNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.ln, self.out = nn.Linear(4, 6), nn.LayerNorm((3, 6)), nn.Linear(6, 2)
+
+        def forward(self, x):  # x (N, 3, 4)
+            return {"y": self.out(self.ln(self.fc(x)))}
+
+    groups = find_channel_groups(trace_model(TwoDimNorm()), (torch.randn(2, 3, 4),))
+    (g, _), = member(groups, "ln.weight", 1)
+    assert not g.removable and "statistics over dims (1, 2)" in g.reason and "LayerNorm" in g.reason
+    assert groups.normalizations == ()
 
 
 def test_prunable_predicate_fixes_groups():

@@ -62,6 +62,10 @@ The ``ctx`` object (:class:`passes.channel_groups.RuleContext`) offers:
 ``ctx.mix(x, dim)``                 this op mixes ``x`` over ``dim`` non-linearly: pin
 ``ctx.same_as(x)``                  the output carries exactly ``x``'s channels
 ``ctx.resolve(atoms)``              canonical atoms (for comparisons)
+``ctx.normalize(x, dim)``           this op normalises ``x`` over ``dim`` (LayerNorm)
+``ctx.internal(name, atoms)``       channels living inside this op (attention heads)
+``ctx.attention``                   "heads" or "head_dims" (what an attention channel is)
+``ctx.head_split``                  that policy if this reshape may split q/k/v into heads
 ==================================  =====================================================
 
 A rule may also give a ``slim`` hook, called by :func:`passes.slim.slim_channels` on
@@ -105,7 +109,10 @@ class Labels(dict):
 
 @dataclass(frozen=True)
 class ChannelRule:
-    """A registered rule: ``propagate(ctx)`` -> output atoms; optional ``slim(sctx)``.
+    """A registered rule: ``propagate(ctx)`` -> output atoms; optional ``slim(sctx)``;
+    optional ``mask(sctx)``, called by the channel-mask pass on nodes with internal
+    channels (``ctx.internal``) of which some are removed, to make the op compute its
+    slim version (an attention module gets head masks).
 
     ``handles_sizes``: the rule rewrites (or does not depend on) size arguments that are
     computed from channel counts (``x.size(1) // 2``); for any other rule the analysis
@@ -116,13 +123,14 @@ class ChannelRule:
     slim: Optional[Callable[[Any], None]] = None
     handles_sizes: bool = False
     name: str = ""
+    mask: Optional[Callable[[Any], None]] = None
 
 
 _RULES: Dict[Any, ChannelRule] = {}
 
 
 def register_channel_rule(*targets: Any, slim: Optional[Callable[[Any], None]] = None,
-                          handles_sizes: bool = False):
+                          handles_sizes: bool = False, mask: Optional[Callable[[Any], None]] = None):
     """Decorator: ``rule(ctx)`` becomes the channel rule of every target.
 
     A target is a module type (``call_module``), a function (``call_function``) or a
@@ -133,7 +141,7 @@ def register_channel_rule(*targets: Any, slim: Optional[Callable[[Any], None]] =
         raise TypeError("register_channel_rule needs at least one target")
 
     def deco(fn: Rule) -> Rule:
-        rule = ChannelRule(fn, slim, handles_sizes, getattr(fn, "__qualname__", repr(fn)))
+        rule = ChannelRule(fn, slim, handles_sizes, getattr(fn, "__qualname__", repr(fn)), mask)
         for t in targets:
             if t is None:
                 continue
@@ -217,4 +225,4 @@ def torch_attr(path: str) -> Any:
 
 
 # Built-in rules register themselves on import.
-from . import conv, elementwise, norm, pooling, shape, torchvision_ops  # noqa: E402,F401
+from . import attention, conv, elementwise, embedding, norm, pooling, shape, torchvision_ops  # noqa: E402,F401

@@ -230,13 +230,19 @@ def _matmul(ctx):
             ctx.contract(a, -1, wb)  # mask the activation; the parameter reads it
         else:
             ctx.contract(b, -2, wa)
+    return product_labels(ctx, [a, b], a, b)
+
+
+def product_labels(ctx, operands, rows: TensorInfo, cols: TensorInfo) -> Labels:
+    """Output channels of a batched product ``(..., n, k) x (..., k, m) -> (..., n, m)``:
+    the operands' batch dims broadcast together, rows from ``rows``' dim -2, columns
+    from ``cols``' dim -1."""
     out_shape = ctx.out_shape
     nd = len(out_shape)
-    batch = broadcast_labels(
-        ctx, [_batch_view(a), _batch_view(b)], out_shape[:-2]) if nd > 2 else Labels()
+    batch = broadcast_labels(ctx, [_batch_view(x) for x in operands], out_shape[:-2]) if nd > 2 else Labels()
     out = Labels(batch)
     out.lazy = dict(batch.lazy)
-    for src, sd, od in ((a, a.ndim - 2, nd - 2), (b, b.ndim - 1, nd - 1)):
+    for src, sd, od in ((rows, rows.ndim - 2, nd - 2), (cols, cols.ndim - 1, nd - 1)):
         if sd in src.labels:
             out[od] = src.labels[sd]
         elif sd in src.lazy:

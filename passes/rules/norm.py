@@ -4,8 +4,10 @@
     instance_norm(x)   # per channel, like batch norm
     group_norm(x)      # statistics per group of C/G channels: a whole norm group is removed
                        # at once (its channels are coupled); num_groups shrinks
-    layer_norm(x)      # normalises over its last dims: channels there cannot be removed
-                       # without changing the statistics, so they are pinned
+    layer_norm(x)      # over the last dim (tokens (N, L, C), channels-last (N, H, W, C)):
+                       # removable; the masked model takes the statistics over the kept
+                       # channels only, so it computes what the narrower slim LayerNorm
+                       # computes. Over several dims: the channels there are pinned.
 """
 from __future__ import annotations
 
@@ -118,6 +120,8 @@ def _group_norm_function(ctx):
 
 
 def _layer_norm(ctx, x: TensorInfo, normalized_shape, weight_atoms) -> None:
+    """Over one last dim: removable, the masked model takes statistics over the kept
+    channels (``ctx.normalize``); over several dims: the channels there are pinned."""
     k = len(normalized_shape)
     for j in range(k):
         d = x.ndim - k + j
@@ -126,13 +130,25 @@ def _layer_norm(ctx, x: TensorInfo, normalized_shape, weight_atoms) -> None:
         for p in w or ():
             if p is not None:
                 ctx.unify(lab, p)
-        if lab is not None:
-            ctx.pin(lab, f"normalised together (statistics over dim {d}) by {ctx.describe()}")
+        if lab is None:
+            continue
+        if k == 1:
+            ctx.normalize(x, d)
+        else:
+            ctx.pin(lab, f"normalised together (statistics over dims {tuple(range(x.ndim - k, x.ndim))}) "
+                         f"by {ctx.describe()}")
 
 
-@register_channel_rule(nn.LayerNorm, torch_attr("nn.RMSNorm"))
+def _layer_norm_module_slim(sctx):
+    m = sctx.module
+    x = sctx.arg(0, "input")
+    if len(m.normalized_shape) == 1:
+        m.normalized_shape = (sctx.kept_count(x, len(sctx.shape(x)) - 1),)
+
+
+@register_channel_rule(nn.LayerNorm, torch_attr("nn.RMSNorm"), slim=_layer_norm_module_slim)
 def _layer_norm_module(ctx):
-    """layer_norm(x) over the last dims: channels there are pinned."""
+    """layer_norm(x) over the last dim(s) (see ``_layer_norm``)."""
     m = ctx.module
     x = ctx.arg(0, "input")
     shape = tuple(m.normalized_shape)
@@ -141,13 +157,34 @@ def _layer_norm_module(ctx):
     return ctx.same_as(x)
 
 
-@register_channel_rule(F.layer_norm, torch.layer_norm, torch_attr("nn.functional.rms_norm"))
+def _layer_norm_function_slim(sctx):
+    x = sctx.arg(0, "input")
+    shape = sctx.value(1, "normalized_shape")
+    if isinstance(shape, int) or len(shape) == 1:
+        sctx.set_arg(1, "normalized_shape", (sctx.kept_count(x, len(sctx.shape(x)) - 1),))
+
+
+@register_channel_rule(F.layer_norm, torch.layer_norm, torch_attr("nn.functional.rms_norm"),
+                       slim=_layer_norm_function_slim)
 def _layer_norm_function(ctx):
     x = ctx.arg(0, "input")
     shape = ctx.value(1, "normalized_shape")
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     ps = [ctx.arg(i, n, None) for i, n in ((2, "weight"), (3, "bias"))]
     _layer_norm(ctx, x, shape, lambda j: [ctx.labels(p, j) for p in ps if isinstance(p, TensorInfo)])
+    return ctx.same_as(x)
+
+
+def _masked_norm(ctx):
+    """A LayerNorm already rewritten by the channel-mask pass (analysing a masked model)."""
+    from ..insert_channel_masks import masked_rms_norm
+
+    x = ctx.arg(0, "x")
+    rms = ctx.node.target is masked_rms_norm
+    ps = [ctx.arg(3, "weight", None)] + ([] if rms else [ctx.arg(4, "bias", None)])
+    keep = ctx.arg(1, "keep")
+    ctx.mix(keep, 0, "a LayerNorm keep mask")
+    _layer_norm(ctx, x, (x.shape[-1],), lambda j: [ctx.labels(p, j) for p in ps if isinstance(p, TensorInfo)])
     return ctx.same_as(x)
 
 

@@ -31,19 +31,21 @@ from ._types import Const, TensorInfo
 
 
 # ----------------------------------------------------------------------------- helpers
-def couple(ctx, E: torch.Tensor) -> Tuple[torch.Tensor, Optional[int]]:
+def couple(ctx, E: torch.Tensor, keep: Optional[int] = None) -> Tuple[torch.Tensor, Optional[int]]:
     """Make the atom grid ``E`` depend on one dim only, unifying along the others.
 
     Returns the coupled grid and the dim it depends on (None if constant). The dim kept
-    is the largest one among those ``E`` varies along (the last on ties), so a
-    ``(groups, channels_per_group)`` grid keeps its per-group channels.
+    is ``keep`` if given and ``E`` varies along it, else the largest one among those
+    ``E`` varies along (the last on ties), so a ``(groups, channels_per_group)`` grid
+    keeps its per-group channels.
     """
     varies = [k for k in range(E.dim()) if E.shape[k] > 1 and not bool((E == E.narrow(k, 0, 1)).all())]
     if not varies:
         return E, None
     if len(varies) == 1:
         return E, varies[0]
-    keep = max(varies, key=lambda k: (E.shape[k], k))
+    if keep is None or keep not in varies:
+        keep = max(varies, key=lambda k: (E.shape[k], k))
     R = E
     for k in varies:
         if k != keep:
@@ -79,6 +81,16 @@ def _reshape_groups(in_shape: Sequence[int], out_shape: Sequence[int]):
                 j += 1
         groups.append((gi, gj))
     return groups
+
+
+def _head_axis(ctx, pieces: int) -> Optional[int]:
+    """Which piece of a split channel dim keeps its channels when the reshape splits q, k
+    or v into heads: ``(..., heads, head_dim)``, the heads (policy "heads") or the
+    per-head dims ("head_dims"); None for any other reshape."""
+    policy = ctx.head_split
+    if policy is None or pieces < 2:
+        return None
+    return pieces - 2 if policy == "heads" else pieces - 1
 
 
 def reshape_labels(ctx, x: TensorInfo, out_shape: Sequence[int]) -> Labels:
@@ -119,7 +131,7 @@ def reshape_labels(ctx, x: TensorInfo, out_shape: Sequence[int]) -> Labels:
         view = [1] * len(gi)
         view[gi.index(d)] = x.shape[d]
         E = lab.view(view).expand(sizes_in).reshape([out_shape[k] for k in gj])
-        E, k = couple(ctx, E)
+        E, k = couple(ctx, E, _head_axis(ctx, len(gj)))
         if k is None:
             if len(gj) == 1:
                 out[gj[0]] = E.reshape(-1)
@@ -554,6 +566,21 @@ def index_plan(index: Any, ndim: int) -> List[Tuple[Any, Optional[int], Optional
     return plan
 
 
+def _gather_plan(index: Any, ndim: int) -> Optional[Tuple[int, int]]:
+    """``(dim, new dims)`` when ``index`` picks along one dim with an integer tensor and
+    takes every other dim whole (``table[idx]``, ``x[:, idx]``), else None."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    tensors = [i for i, it in enumerate(items) if isinstance(it, torch.Tensor)]
+    if len(tensors) != 1 or Ellipsis in items:
+        return None
+    t = items[tensors[0]]
+    if t.dtype == torch.bool or t.is_floating_point():
+        return None
+    if any(not (isinstance(it, slice) and it == slice(None)) for i, it in enumerate(items) if i != tensors[0]):
+        return None
+    return tensors[0], t.dim()
+
+
 def _getitem(ctx):
     obj = ctx.arg(0)
     idx_info = ctx.arg(1)
@@ -574,6 +601,12 @@ def _getitem(ctx):
     if not isinstance(obj, TensorInfo):
         return None
     index = ctx.value(1)
+    gathered = _gather_plan(index, obj.ndim)
+    if gathered is not None:  # table[idx]: one dim indexed by a tensor
+        d, n_new = gathered
+        if ctx.has_channels(obj, d):
+            ctx.mix(obj, d, "gathered by a tensor index")
+        return _rearranged(obj, list(range(d)) + [None] * n_new + list(range(d + 1, obj.ndim)))
     try:
         plan = index_plan(index, obj.ndim)
     except TypeError as exc:
@@ -616,6 +649,9 @@ def _getitem_slim(sctx):
     if not isinstance(sctx.groups.node_channels.get(x.name), dict):
         return  # indexing a tuple, a dict or a size: nothing to rewrite
     index = node.args[1]
+    items = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(it, fx.Node) and isinstance(sctx.groups.node_channels.get(it.name), dict) for it in items):
+        return  # a gather by a tensor index: its sizes follow the tensors
     ch = sctx.channels(x)
     plan = index_plan(index, len(x_shape))
     concrete = sctx.concrete_index(index)

@@ -1,0 +1,37 @@
+"""Embedding lookups.
+
+    embedding(ids)        # ids (N, L) -> (N, L, C): C is a new channel vector, the
+                          # table's dim 1 (its rows, one per token id, are never removed)
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import Labels, register_channel_rule
+
+
+def _embedding_slim(sctx):
+    m = sctx.module
+    m.embedding_dim = m.weight.shape[1]
+
+
+@register_channel_rule(nn.Embedding, slim=_embedding_slim)
+def _embedding_module(ctx):
+    """nn.Embedding: the output's last dim carries the table's columns."""
+    ids = ctx.arg(0, "input")
+    for d in range(ids.ndim):
+        ctx.mix(ids, d, "used as token ids")
+    out = ctx.param("weight", 1, link=True)
+    return Labels({len(ctx.out_shape) - 1: out})
+
+
+@register_channel_rule(F.embedding)
+def _embedding_function(ctx):
+    ids, table = ctx.arg(0, "input"), ctx.arg(1, "weight")
+    for d in range(ids.ndim):
+        ctx.mix(ids, d, "used as token ids")
+    out = Labels()
+    if ctx.has_channels(table, 1):
+        out[len(ctx.out_shape) - 1] = ctx.labels(table, 1)
+    return out
