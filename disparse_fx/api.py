@@ -78,7 +78,7 @@ def compress(
     if config.granularity == "channel":
         if example is None:
             raise NotEnoughBatchesError("granularity='channel' needs one batch to find the channel groups; data is empty")
-        groups = find_channel_groups(gm, example)
+        groups = find_channel_groups(gm, example, attention=config.attention)
     params = dict(model.named_parameters())
     domains = {t: tuple(p for p in prunable if t in ownership.owners[p]) for t in ownership.tasks}
     for t, dom in domains.items():

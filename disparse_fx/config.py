@@ -8,10 +8,11 @@ import torch
 
 from .errors import DisparseValueError
 
-__all__ = ["CompressConfig", "CRITERIA", "GRANULARITIES", "default_prunable"]
+__all__ = ["CompressConfig", "CRITERIA", "GRANULARITIES", "ATTENTION", "default_prunable"]
 
 CRITERIA = ("snip", "taylor", "magnitude", "random")
 GRANULARITIES = ("element", "channel")
+ATTENTION = ("heads", "head_dims")
 
 # Module types whose ``weight`` is prunable by default (method.md: conv/linear only).
 _PRUNABLE_MODULES = (
@@ -54,6 +55,10 @@ class CompressConfig:
         prunable (default: Conv/ConvTranspose/Linear weights and functional weights).
     progress: show a tqdm bar over batches (only when stderr is a terminal).
     round_to: channel granularity only; kept channel counts are multiples of it.
+    attention: channel granularity only; what a channel of an attention block is:
+        "heads" (a whole head, removed only if every task reaching it votes so; the
+        head count shrinks) or "head_dims" (one position of the per-head width, in
+        every head at once; the heads stay, each gets narrower).
     """
 
     sparsity: float = 0.9
@@ -67,6 +72,7 @@ class CompressConfig:
     filter_fn: Optional[Callable[[str, torch.nn.Parameter], bool]] = None
     progress: bool = True
     round_to: int = 1
+    attention: str = "heads"
 
     def __post_init__(self):
         def bad(field, must, got):
@@ -93,6 +99,8 @@ class CompressConfig:
             bad("filter_fn", "None or a callable (name, param) -> bool", self.filter_fn)
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
             bad("round_to", "an integer >= 1", self.round_to)
+        if self.attention not in ATTENTION:
+            bad("attention", f"one of {ATTENTION}", self.attention)
 
     @property
     def needs_data(self) -> bool:

@@ -16,9 +16,10 @@ Nothing in the file is unpickled as code: a callable comes back only if its name
 the allow-list - ``torch`` ops, ``torch.nn.functional``, ``torch._C._nn``,
 ``torch.special`` / ``linalg`` / ``fft``, ``torch.Tensor`` methods, ``operator`` (minus
 its callable factories), ``math``, a few builtins, ``torch.func.functional_call``, this
-library's graph functions (``channel_mask``) and whatever
-:func:`register_callable` added. Modules come back only as ``torch.nn`` built-in types
-(or types given to :func:`register_module_type`); a module the graph never calls (a
+library's graph functions (``channel_mask``, the masked LayerNorms, Swin's window
+attention; torchvision's fx-wrapped Swin functions) and whatever
+:func:`register_callable` added. Modules come back only as ``torch.nn`` built-in types,
+:class:`passes.attention.MultiheadAttention` (or types given to :func:`register_module_type`); a module the graph never calls (a
 container such as a user's ``Bottleneck``) comes back as a plain ``nn.Module`` holding
 the same children, parameters and buffers. ``call_method`` names must be public
 ``torch.Tensor`` methods (minus those taking a callable), ``getattr`` nodes must read a
@@ -214,9 +215,20 @@ def _registry() -> Tuple[Dict[str, Callable], Dict[int, str]]:
         add(f"builtins.{attr}", getattr(builtins, attr))
     add("torch._assert", torch._assert)
     add("torch.func.functional_call", torch.func.functional_call)
-    from passes.insert_channel_masks import channel_mask
+    from passes import attention
+    from passes.insert_channel_masks import channel_mask, masked_layer_norm, masked_rms_norm
 
     add("passes.insert_channel_masks.channel_mask", channel_mask)
+    add("passes.insert_channel_masks.masked_layer_norm", masked_layer_norm)
+    add("passes.insert_channel_masks.masked_rms_norm", masked_rms_norm)
+    add("passes.attention.shifted_window_attention", attention.shifted_window_attention)
+    try:  # torchvision's Swin functions (fx-wrapped, so they appear in graphs)
+        from torchvision.models import swin_transformer as swin
+
+        for attr in ("shifted_window_attention", "_get_relative_position_bias", "_patch_merging_pad"):
+            add(f"torchvision.models.swin_transformer.{attr}", getattr(swin, attr))
+    except ImportError:  # pragma: no cover - torchvision is optional
+        pass
     try:  # torchvision's traceable functional ops (stochastic_depth, roi_align, ...)
         import torchvision.ops as tvops
 
@@ -241,6 +253,10 @@ def _module_class(name: str) -> Optional[type]:
     """The allowed nn.Module class called ``name`` (``torch.nn.modules.conv.Conv2d``), or None."""
     if name in _EXTRA_MODULE_TYPES:
         return _EXTRA_MODULE_TYPES[name]
+    if name == "passes.attention.MultiheadAttention":  # the slimmable attention of this library
+        from passes.attention import MultiheadAttention
+
+        return MultiheadAttention
     mod_name, _, cls_name = name.rpartition(".")
     if not (mod_name == "torch.nn.modules" or mod_name.startswith("torch.nn.modules.")) or not cls_name.isidentifier():
         return None

@@ -5,8 +5,12 @@ parameters never are), a parameter is prunable by default when it is
 
 - the ``weight`` of a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear module that the
   graph calls, or
+- an input projection weight of ``nn.MultiheadAttention`` (``in_proj_weight``, or
+  ``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight``; its ``out_proj`` is a
+  Linear), or
 - read through ``get_attr`` and used by a functional conv / conv_transpose / linear /
-  matmul only as its weight operand (a functional weight).
+  matmul only as its weight operand (a functional weight; Swin's window attention
+  takes two: ``qkv_weight`` and ``proj_weight``).
 
 >>> import torch, torch.nn as nn, torch.nn.functional as F
 >>> from passes.trace import trace_model
@@ -39,14 +43,33 @@ PRUNABLE_MODULE_TYPES: Tuple[type, ...] = (
     nn.Linear,
 )
 
-# functional op -> position of its weight argument
-FUNCTIONAL_WEIGHT_OPS: Dict[object, int] = {
-    F.conv1d: 1, F.conv2d: 1, F.conv3d: 1,
-    F.conv_transpose1d: 1, F.conv_transpose2d: 1, F.conv_transpose3d: 1,
-    F.linear: 1,
-    torch.conv1d: 1, torch.conv2d: 1, torch.conv3d: 1,
-    torch.matmul: 1, torch.mm: 1, torch.bmm: 1,
+# functional op -> positions of its weight arguments
+FUNCTIONAL_WEIGHT_OPS: Dict[object, Tuple[int, ...]] = {
+    F.conv1d: (1,), F.conv2d: (1,), F.conv3d: (1,),
+    F.conv_transpose1d: (1,), F.conv_transpose2d: (1,), F.conv_transpose3d: (1,),
+    F.linear: (1,),
+    torch.conv1d: (1,), torch.conv2d: (1,), torch.conv3d: (1,),
+    torch.matmul: (1,), torch.mm: (1,), torch.bmm: (1,),
 }
+# Swin's window attention: (input, qkv_weight, proj_weight, ...)
+_WINDOW_ATTENTION_WEIGHTS = ("qkv_weight", "proj_weight")
+
+
+def _register_window_attention() -> None:
+    from .attention import shifted_window_attention
+
+    targets = [shifted_window_attention]
+    try:
+        from torchvision.models.swin_transformer import shifted_window_attention as tv_swa
+        targets.append(tv_swa)
+    except Exception:  # noqa: BLE001 - torchvision is optional
+        pass
+    for t in targets:
+        FUNCTIONAL_WEIGHT_OPS[t] = (1, 2)
+
+
+_register_window_attention()
+_MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
 def default_prunable_params(gm: fx.GraphModule, reference: Optional[nn.Module] = None) -> Tuple[str, ...]:
@@ -63,17 +86,23 @@ def default_prunable_params(gm: fx.GraphModule, reference: Optional[nn.Module] =
 def _is_weight_use(gm: fx.GraphModule, node: fx.Node, param_name: str) -> bool:
     leaf = param_name.rpartition(".")[2]
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), PRUNABLE_MODULE_TYPES) and leaf == "weight"
+        from .attention import MultiheadAttention
+
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, (nn.MultiheadAttention, MultiheadAttention)):
+            return param_name.startswith(node.target + ".") and param_name[len(node.target) + 1:] in _MHA_WEIGHTS
+        return isinstance(mod, PRUNABLE_MODULE_TYPES) and leaf == "weight"
     # get_attr: every user must consume the value as the weight of a conv/linear op.
     if not node.users:
         return False
     for user in node.users:
-        pos = FUNCTIONAL_WEIGHT_OPS.get(user.target) if user.op == "call_function" else None
+        positions = FUNCTIONAL_WEIGHT_OPS.get(user.target) if user.op == "call_function" else None
         if user.op == "call_method" and user.target == "matmul":
-            pos = 1
-        if pos is None:
+            positions = (1,)
+        if positions is None:
             return False
-        weight = user.args[pos] if len(user.args) > pos else user.kwargs.get("weight")
-        if weight is not node:
+        names = _WINDOW_ATTENTION_WEIGHTS if len(positions) == 2 else ("weight",)
+        weights = [user.args[p] if len(user.args) > p else user.kwargs.get(n) for p, n in zip(positions, names)]
+        if node not in weights:
             return False
     return True
