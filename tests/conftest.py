@@ -28,3 +28,27 @@ def _private_cache(tmp_path_factory):
         os.environ.pop("DISPARSE_FX_CACHE", None)
     else:
         os.environ["DISPARSE_FX_CACHE"] = old
+
+
+#: test files whose outcome is a coverage count the terminal summary reports
+COVERAGE_SWEEPS = {
+    "tests/test_torchvision_coverage.py": "torchvision CNNs",
+    "tests/test_transformer_coverage.py": "torchvision transformers",
+}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print how many model cases of each coverage sweep passed, failed, were strict
+    xfails (known failures, with reasons in the test file) or were skipped."""
+    counts = {}
+    for outcome in ("passed", "failed", "xfailed", "xpassed", "skipped", "error"):
+        for rep in terminalreporter.stats.get(outcome, []):
+            path = getattr(rep, "nodeid", "").split("::")[0]
+            if path in COVERAGE_SWEEPS and getattr(rep, "when", "call") in ("call", "setup"):
+                if outcome == "passed" and rep.when != "call":
+                    continue
+                counts.setdefault(path, {}).setdefault(outcome, 0)
+                counts[path][outcome] += 1
+    for path, c in counts.items():
+        parts = ", ".join(f"{n} {k}" for k, n in c.items())
+        terminalreporter.write_line(f"coverage, {COVERAGE_SWEEPS[path]}: {parts} ({path})")

@@ -9,8 +9,8 @@ sparsity (DiSparse, snip on one batch, each task's own loss) -> ``dfx.slim`` (wh
 checks parity with the masked model in code) -> parameters down by at least 30%, every
 task output shape unchanged; and the lower layer alone with a random 50% keep per group.
 
-Vision transformers (vit_*, swin*, maxvit_t) are not CNNs and are left to the
-attention issue. The default run checks four quick models; the full sweep is marked
+Vision transformers (vit_*, swin*, maxvit_t) have their own sweep:
+tests/test_transformer_coverage.py. The default run checks four quick models; the full sweep is marked
 ``long`` (``make test-all``). A failure would be listed in ``KNOWN_FAILURES`` as a
 strict xfail with its reason; the sweep currently has none.
 """
@@ -68,7 +68,7 @@ def build_multitask(name: str) -> tuple:
     return model.eval(), torch.randn(2, 3, size, size)
 
 
-def check_compress_slims(name: str) -> float:
+def check_compress_slims(name: str, attention: str = "heads") -> float:
     """compress at 50% channel sparsity, slim (parity checked inside); the parameter reduction."""
     import torch.nn.functional as F
 
@@ -82,7 +82,7 @@ def check_compress_slims(name: str) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = dfx.compress(model, losses, [batch], dfx.CompressConfig(
-            sparsity=0.5, granularity="channel", num_batches=1, progress=False))
+            sparsity=0.5, granularity="channel", num_batches=1, progress=False, attention=attention))
         slim = dfx.slim(result)
     with torch.no_grad():
         before, after = model(x), slim.eval()(x)
@@ -94,13 +94,13 @@ def check_compress_slims(name: str) -> float:
     return reduction, result.plan.sparsity
 
 
-def check_slims(name: str) -> float:
+def check_slims(name: str, attention: str = "heads") -> float:
     """Analyse, keep 50%, slim (parity checked inside); returns the parameter reduction."""
     model, x = build_multitask(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gm = trace_model(model)
-    groups = find_channel_groups(gm, (x,))
+    groups = find_channel_groups(gm, (x,), attention=attention)
     assert groups.removable_groups(), name
     keep = random_keep(groups, p=0.5)
     slim = slim_channels(gm, groups, keep)
@@ -174,7 +174,7 @@ def test_the_sweep_covers_every_cnn():
     assert len(CLASSIFIERS) == 68 and len(SEGMENTERS) == 6
 
 
-def check_onnx_parity(name: str, tmp_path) -> None:
+def check_onnx_parity(name: str, tmp_path, attention: str = "heads") -> None:
     """The slim model of a 50% channel compress exports to ONNX with onnxruntime parity."""
     import disparse_fx as dfx
 
@@ -182,7 +182,8 @@ def check_onnx_parity(name: str, tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = dfx.compress(model, {t: (lambda p, b: p.sum()) for t in TASKS}, [x], dfx.CompressConfig(
-            sparsity=0.5, granularity="channel", criterion="magnitude", progress=False), inputs=lambda b: b)
+            sparsity=0.5, granularity="channel", criterion="magnitude", progress=False, attention=attention),
+            inputs=lambda b: b)
         report = dfx.export_onnx(dfx.slim(result), x, tmp_path / f"{name}.onnx")  # raises on a mismatch
     assert report.outputs == tuple(TASKS)
 
