@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Hashable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 from tqdm.auto import tqdm
 
@@ -458,6 +459,45 @@ class DynamicSparsity:
         return entry
 
 
+# The mask buffers an attention module gets for its internal channels (passes.attention).
+_INTERNAL_MASK_BUFFERS = {"heads": "head_keep", "qk_dims": "qk_dim_keep", "v_dims": "v_dim_keep"}
+
+
+def _mask_buffers(model: fx.GraphModule, groups, flat: torch.Tensor, *, check: bool = True
+                  ) -> Dict[Any, Tuple[str, torch.Tensor, torch.Tensor]]:
+    """Every mask buffer of a channel-masked model that the keep ``flat`` needs:
+    ``{key: (buffer path, buffer, global channel id of each element)}`` - the masks in
+    front of contractions, the keep masks of masked LayerNorms, and attention modules'
+    head (or head-dim) masks. ``check``: raise if one is missing."""
+    holder = getattr(model, MASK_MODULE, None)
+    present = dict(holder.named_buffers()) if holder is not None else {}
+    wanted: Dict[Any, Tuple[str, Optional[torch.Tensor], torch.Tensor]] = {}
+    for (arg, dim) in mask_plan(groups, flat):
+        name = f"{arg}_dim{dim}"
+        wanted[(arg, dim)] = (f"{MASK_MODULE}.{name}", present.get(name), groups.node_channels[arg][dim].long())
+    for c in groups.normalizations:
+        gids = groups.node_channels[c.arg][c.dim].long()
+        if not bool(flat[gids].all()):
+            name = f"{c.consumer}_norm"
+            wanted[("norm", c.consumer)] = (f"{MASK_MODULE}.{name}", present.get(name), gids)
+    nodes = {n.name: n for n in model.graph.nodes}
+    for node_name, internal in groups.internal_channels.items():
+        node = nodes.get(node_name)
+        if node is None or node.op != "call_module" or all(bool(flat[g].all()) for g in internal.values()):
+            continue
+        module = model.get_submodule(node.target)
+        for key, gids in internal.items():
+            attr = _INTERNAL_MASK_BUFFERS.get(key)
+            if attr is not None and hasattr(module, attr):
+                wanted[("internal", node_name, key)] = (f"{node.target}.{attr}", getattr(module, attr), gids.long())
+    missing = [path for path, buf, _ in wanted.values() if buf is None]
+    if check and missing:
+        raise DisparseValueError(
+            f"result.model lacks the channel mask(s) {missing[:3]} that result.plan.channels.keep needs; "
+            "pass the CompressionResult that compress() (or a DynamicSparsity) left, unmodified")
+    return wanted
+
+
 # ---------------------------------------------------------------- dynamic sparsity on channel groups
 class ChannelDynamicSparsity(DynamicSparsity):
     """Dynamic DiSparse on channel groups: what ``DynamicSparsity(result, ...)`` builds when
@@ -551,19 +591,14 @@ class ChannelDynamicSparsity(DynamicSparsity):
                        for t in plan.tasks}
         self._reach = {t: r for t, r in self._reach.items() if r}
 
-        # The mask buffers: {(node, dim): (buffer, global channel id of each slice)}.
-        holder = getattr(self.model, MASK_MODULE, None)
-        present = dict(holder.named_buffers()) if holder is not None else {}
+        # The mask buffers: {key: (buffer path, buffer, global channel id of each slice)}.
         flat = groups.keep_vector(self._keep)
-        self._buffers: Dict[Tuple[str, int], Tuple[str, torch.Tensor, torch.Tensor]] = {}
-        for (arg, dim), kept in mask_plan(groups, flat).items():
-            name = f"{arg}_dim{dim}"
-            buf = present.get(name)
-            if buf is None or not torch.equal(buf.detach().reshape(-1).cpu() != 0, kept):
+        self._buffers = _mask_buffers(self.model, groups, flat)
+        for path, buf, gids in self._buffers.values():
+            if not torch.equal(buf.detach().reshape(-1).cpu() != 0, flat[gids]):
                 raise DisparseValueError(
-                    f"result.model's channel mask {MASK_MODULE}.{name} does not match result.plan.channels.keep; "
+                    f"result.model's channel mask {path} does not match result.plan.channels.keep; "
                     "pass the CompressionResult that compress() (or a DynamicSparsity) left, unmodified")
-            self._buffers[(arg, dim)] = (f"{MASK_MODULE}.{name}", buf, groups.node_channels[arg][dim].long())
 
         # Prunable members of each group and channel classes (same slice counts everywhere).
         prunable_set = set(self.prunable)
@@ -775,7 +810,7 @@ class ChannelDynamicSparsity(DynamicSparsity):
     def _write_masks(self, grown: Mapping[int, torch.Tensor]) -> None:
         """Mask buffers from ``_keep``; zero the prunable slices (and optimizer state) of ``grown``."""
         flat = self.groups.keep_vector(self._keep)
-        if set(mask_plan(self.groups, flat)) != set(self._buffers):
+        if set(_mask_buffers(self.model, self.groups, flat, check=False)) != set(self._buffers):
             raise PostconditionError(
                 f"DynamicSparsity: the channel keep at step {self.step_count} needs other mask buffers than "
                 "the model holds (a group became fully kept or lost its last mask)")

@@ -1,4 +1,5 @@
-"""The target-sparsity and export-parity benchmark scripts run in --smoke (so they never rot)."""
+"""The target-sparsity, export-parity and transformer-slim benchmark scripts run in --smoke
+(so they never rot)."""
 import os
 import pathlib
 import subprocess
@@ -12,6 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("script,expect", [
     ("target_sparsity.py", ["| deeplab tiny, 4 tasks", "| yes"]),
     ("export_parity.py", ["| DeepLab-ResNet tiny (4 tasks)", "| slim"]),
+    ("transformer_slim.py", ["| swin_t  | heads", "| swin_t  | head_dims", "heads in 12 layers"]),
 ])
 def test_smoke(script, expect, tmp_path):
     out = tmp_path / "result.md"

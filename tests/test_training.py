@@ -614,3 +614,54 @@ def test_slim_after_element_dynamic_training_uses_the_live_masks():
     x = torch.randn(4, 3, 8, 8)
     for t, v in result.model.eval()(x).items():
         torch.testing.assert_close(slim.eval()(x)[t], v, atol=1e-6, rtol=0)
+
+
+def test_channel_dynamic_sparsity_moves_attention_heads_and_layernorm_channels():
+    """On a ViT, drop/regrow reaches the heads (MultiheadAttention head masks) and the
+    residual channels (masked LayerNorm keep masks) as well as the masks in front of
+    linears; the masked model keeps computing what dfx.slim builds."""
+    import torch.nn.functional as F
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from disparse_fx.zoo import multitask_from_torchvision
+    from passes.attention import MultiheadAttention as Slimmable
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=4, hidden_dim=16, mlp_dim=32)
+    model = multitask_from_torchvision(vit, {"seg": ("dense", 2), "cls": ("classify", 3)}, head_width=8)
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input": torch.randn(2, 3, 16, 16, generator=gen), "seg": torch.randn(2, 2, 16, 16, generator=gen),
+             "cls": torch.randn(2, 3, generator=gen)} for _ in range(4)]
+    losses = {t: (lambda key: lambda p, b: F.mse_loss(p, b[key]))(t) for t in ("seg", "cls")}
+    result = dfx.compress(model, losses, data, dfx.CompressConfig(
+        sparsity=0.5, granularity="channel", num_batches=2, progress=False))
+    groups = result.plan.channels.groups
+    opt = torch.optim.SGD(result.model.parameters(), lr=1e-2)
+    sched = DynamicSparsity(result, losses, opt, update_every=1, end_step=20, prune_rate=0.5)
+    kinds = {k[0] for k in sched._buffers if isinstance(k[0], str)}
+    assert {"norm", "internal"} <= kinds  # LayerNorm keep masks and head masks are moved too
+    nodes = {n.name: n for n in result.model.graph.nodes}
+    moved = 0
+    for step in range(4):
+        batch = data[step % len(data)]
+        opt.zero_grad()
+        out = result.model(batch["input"])
+        sum(losses[t](out[t], batch) for t in losses).backward()
+        opt.step()
+        before = sched.channel_keep
+        if sched.step(batch) is None:
+            continue
+        moved += sum(int((before[g] != k).sum()) for g, k in sched.channel_keep.items())
+        flat = groups.keep_vector(sched.channel_keep)
+        for name, internal in groups.internal_channels.items():
+            mha = result.model.get_submodule(nodes[name].target)
+            if not bool(flat[internal["heads"]].all()):
+                assert isinstance(mha, Slimmable) and torch.equal(mha.head_keep != 0, flat[internal["heads"]])
+        for c in groups.normalizations:
+            gids = groups.node_channels[c.arg][c.dim]
+            if not bool(flat[gids].all()):
+                buf = result.model.get_buffer(f"{MASK_MODULE}.{c.consumer}_norm")
+                assert torch.equal(buf != 0, flat[gids])
+    assert moved > 0
+    slim = dfx.slim(result)  # parity with the masked model checked inside
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
