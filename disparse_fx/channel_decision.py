@@ -49,7 +49,9 @@ class ChannelPlan:
     groups: the channel groups of the traced model; keep: {group id: bool per channel}
     for every removable group (True = kept); task_keep: {task: {group id: bool}} each
     task's own votes over the groups it reaches; scores: {task: {group id: float32}}
-    channel scores (normalised to sum 1 per task).
+    channel scores (normalised to sum 1 per task; with ``disentangle=False`` every task
+    sees the one summed score, normalised over all groups and restricted to the groups
+    it reaches, so its part may sum to less than 1).
     """
 
     groups: ChannelGroups
@@ -150,6 +152,10 @@ def decide_channels(
                 if not bool(k[piece].any()):
                     best = piece[torch.argmin(cm[piece])]
                     forced[best], k[best] = True, True
+            if config.round_to > 1:  # pieces may have added channels: round the count again
+                need = min(g.size, -(-int(k.sum()) // config.round_to) * config.round_to)
+                add = order[~k[order]][: need - int(k.sum())]
+                forced[add], k[add] = True, True
             keep[g.id], extra[g.id] = k, forced
         return keep, extra
 

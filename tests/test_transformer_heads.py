@@ -515,16 +515,13 @@ def test_head_dims_policy_on_split_heads_keeps_the_head_count():
     assert q == k == v == (2, HEADS, 8, kept)
 
 
-@pytest.mark.xfail(strict=True, reason="channel_decision.decide_channels.keep_at forces a channel of every empty "
-                                       "split piece (keep_one_of) AFTER rounding the kept count up to round_to, "
-                                       "so the kept count can stop being a multiple of round_to")
 def test_round_to_holds_with_split_head_pieces():
     """round_to=2 on the 4 heads of HeadSplitNet, summed score (a's heads above b's, as in
     test_summed_score_on_split_heads_keeps_a_head_of_each_piece). At every threshold r < 1
     the summed ranking keeps 1 or 2 of a's heads, rounded up to 2 = {0, 1}; piece {2, 3}
-    is then empty and its best head is forced: 3 heads, not a multiple of 2 (the contract:
-    "kept counts are rounded up to a multiple of N, capped at the group size"). 2 or 4
-    heads would honour both constraints."""
+    is then empty and its best head is forced; the count (3) is rounded again, so the
+    contract ("kept counts are rounded up to a multiple of N, capped at the group size")
+    holds together with "every split piece keeps a channel": 4 heads."""
     model, x, batch, losses = exact_case(HeadSplitNet)
     result = dfx.compress(model, losses, [batch], channel_config("heads", 0.5, round_to=2, disentangle=False))
     plan, g = the_head_group(result)
