@@ -5,11 +5,16 @@ over channels (a conv's or linear's input, a sum over the channel dim): there th
 removed channels must contribute nothing. So the masks sit right in front of those
 consumers (each one gets ``channel_mask(x, mask)`` = ``x * mask``, the mask broadcast
 along the channel dim), and not after the producing conv: a bias, a BatchNorm shift or
-an activation would turn zeros back into values before the next conv reads them. Ops
-that mix channels in any other way (LayerNorm over channels, softmax, mean over
-channels) have their channels pinned by the analysis, so no mask is needed there.
-In eval mode the masked model computes, for every task output, exactly what
-:func:`passes.slim.slim_channels` computes.
+an activation would turn zeros back into values before the next conv reads them.
+
+Two more kinds of op read every channel. A LayerNorm (or RMSNorm) over the last dim
+takes statistics over its channels: it becomes ``masked_layer_norm(x, keep, ...)``,
+which takes them over the kept channels only (the slim LayerNorm's statistics). An
+attention module whose heads (internal channels) are removed becomes
+:class:`passes.attention.MultiheadAttention` with head masks. Ops that mix channels in
+any other way (softmax over channels, a mean over channels) have their channels pinned
+by the analysis, so no mask is needed there. In eval mode the masked model computes,
+for every task output, exactly what :func:`passes.slim.slim_channels` computes.
 
 Mask buffers live in the submodule ``channel_masks``, named after the masked node and
 dim (``channel_masks.relu_dim1``), so the model deep-copies, saves and trains like any
@@ -44,6 +49,30 @@ def forward(self, x):
     return {'y': head}
 >>> masked.channel_masks.relu_dim1.flatten().tolist()
 [1.0, 0.0, 1.0, 1.0]
+
+A LayerNorm over tokens' channels, before and after:
+
+>>> class Tokens(nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.embed, self.ln, self.out = nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)
+...     def forward(self, x):                       # x: (N, L, 3)
+...         return {"y": self.out(self.ln(self.embed(x)))}
+>>> gm = torch.fx.symbolic_trace(Tokens())
+>>> groups = find_channel_groups(gm, (torch.randn(1, 5, 3),))
+>>> (group, _), = groups.members_of("ln.weight")     # the LayerNorm's channel group
+>>> masked = insert_channel_masks(gm, groups, {group.id: torch.tensor([True, True, False, True])})
+>>> print(masked.code.strip())  # doctest: +NORMALIZE_WHITESPACE
+def forward(self, x):
+    embed = self.embed(x);  x = None
+    channel_masks_ln_norm = self.channel_masks.ln_norm
+    ln_weight = self.ln.weight
+    ln_bias = self.ln.bias
+    ln = passes_insert_channel_masks_masked_layer_norm(embed, channel_masks_ln_norm, (4,), ln_weight, ln_bias, 1e-05, 'ln');  embed = channel_masks_ln_norm = ln_weight = ln_bias = None
+    channel_masks_ln_dim2 = self.channel_masks.ln_dim2
+    channel_mask = passes_insert_channel_masks_channel_mask(ln, channel_masks_ln_dim2);  ln = channel_masks_ln_dim2 = None
+    out = self.out(channel_mask);  channel_mask = None
+    return {'y': out}
 """
 from __future__ import annotations
 
@@ -115,7 +144,7 @@ _MASKED_NORMS = (masked_layer_norm, masked_rms_norm)
 def _register_masked_norm_rule() -> None:
     from .rules.norm import _masked_norm
 
-    register_channel_rule(*_MASKED_NORMS)(_masked_norm)
+    register_channel_rule(*_MASKED_NORMS, handles_sizes=True)(_masked_norm)  # the shape is restored by fold
 
 
 _register_masked_norm_rule()
