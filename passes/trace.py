@@ -30,13 +30,87 @@ import torch.nn as nn
 
 from .errors import TraceError
 
-__all__ = ["trace_model", "task_output_nodes", "task_names"]
+__all__ = ["trace_model", "task_output_nodes", "task_names", "TRACED_THROUGH"]
 
 log = logging.getLogger(__name__)
 
 
+# ----------------------------------------------------------------------------- torch's transformer layers
+# torch.nn.TransformerEncoder(Layer) / TransformerDecoder(Layer) are leaves for torch.fx
+# (they live in torch.nn) and their forwards cannot be traced anyway: a fast path checks
+# tensors in Python. The tracer goes through them with these equivalents of their
+# standard (non-fast) path instead, so the graph shows their attention, norms and
+# feed-forward layers, each a call_module node of the original submodule.
+def _encoder_layer(layer, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+    def self_attention(x):
+        out = layer.self_attn(x, x, x, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
+                              need_weights=False, is_causal=bool(is_causal))[0]
+        return layer.dropout1(out)
+
+    def feed_forward(x):
+        return layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
+
+    x = src
+    if layer.norm_first:
+        x = x + self_attention(layer.norm1(x))
+        return x + feed_forward(layer.norm2(x))
+    x = layer.norm1(x + self_attention(x))
+    return layer.norm2(x + feed_forward(x))
+
+
+def _encoder(encoder, src, mask=None, src_key_padding_mask=None, is_causal=None):
+    out = src
+    for layer in encoder.layers:
+        out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=bool(is_causal))
+    return encoder.norm(out) if encoder.norm is not None else out
+
+
+def _decoder_layer(layer, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                   memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
+    def self_attention(x):
+        out = layer.self_attn(x, x, x, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask,
+                              need_weights=False, is_causal=bool(tgt_is_causal))[0]
+        return layer.dropout1(out)
+
+    def cross_attention(x):
+        out = layer.multihead_attn(x, memory, memory, attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask,
+                                   need_weights=False, is_causal=bool(memory_is_causal))[0]
+        return layer.dropout2(out)
+
+    def feed_forward(x):
+        return layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
+
+    x = tgt
+    if layer.norm_first:
+        x = x + self_attention(layer.norm1(x))
+        x = x + cross_attention(layer.norm2(x))
+        return x + feed_forward(layer.norm3(x))
+    x = layer.norm1(x + self_attention(x))
+    x = layer.norm2(x + cross_attention(x))
+    return layer.norm3(x + feed_forward(x))
+
+
+def _decoder(decoder, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+             memory_key_padding_mask=None, tgt_is_causal=None, memory_is_causal=False):
+    out = tgt
+    for layer in decoder.layers:
+        out = layer(out, memory, tgt_mask=tgt_mask, memory_mask=memory_mask, tgt_key_padding_mask=tgt_key_padding_mask,
+                    memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=bool(tgt_is_causal),
+                    memory_is_causal=memory_is_causal)
+    return decoder.norm(out) if decoder.norm is not None else out
+
+
+TRACED_THROUGH = {
+    nn.TransformerEncoderLayer: _encoder_layer,
+    nn.TransformerEncoder: _encoder,
+    nn.TransformerDecoderLayer: _decoder_layer,
+    nn.TransformerDecoder: _decoder,
+}
+
+
 class _Tracer(fx.Tracer):
-    """A symbolic tracer that records source lines and honours extra leaf modules."""
+    """A symbolic tracer that records source lines, honours extra leaf modules and goes
+    through torch's transformer layers (:data:`TRACED_THROUGH`)."""
 
     def __init__(self, leaf_modules: Iterable[type] = ()):
         super().__init__()
@@ -47,6 +121,12 @@ class _Tracer(fx.Tracer):
         if self._extra_leaves and isinstance(m, self._extra_leaves):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        through = TRACED_THROUGH.get(type(m))
+        if through is not None and not (self._extra_leaves and isinstance(m, self._extra_leaves)):
+            return through(m, *args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
 
 
 def trace_model(
