@@ -41,21 +41,25 @@ log = logging.getLogger(__name__)
 # tensors in Python. The tracer goes through them with these equivalents of their
 # standard (non-fast) path instead, so the graph shows their attention, norms and
 # feed-forward layers, each a call_module node of the original submodule.
+def _attend(attn, dropout, x, memory, mask, pad, causal):
+    return dropout(attn(x, memory, memory, attn_mask=mask, key_padding_mask=pad, need_weights=False,
+                        is_causal=bool(causal))[0])
+
+
+def _feed_forward(layer, x, dropout):
+    return dropout(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
+
+
 def _encoder_layer(layer, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
     def self_attention(x):
-        out = layer.self_attn(x, x, x, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
-                              need_weights=False, is_causal=bool(is_causal))[0]
-        return layer.dropout1(out)
-
-    def feed_forward(x):
-        return layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
+        return _attend(layer.self_attn, layer.dropout1, x, x, src_mask, src_key_padding_mask, is_causal)
 
     x = src
     if layer.norm_first:
         x = x + self_attention(layer.norm1(x))
-        return x + feed_forward(layer.norm2(x))
+        return x + _feed_forward(layer, layer.norm2(x), layer.dropout2)
     x = layer.norm1(x + self_attention(x))
-    return layer.norm2(x + feed_forward(x))
+    return layer.norm2(x + _feed_forward(layer, x, layer.dropout2))
 
 
 def _encoder(encoder, src, mask=None, src_key_padding_mask=None, is_causal=None):
@@ -68,26 +72,20 @@ def _encoder(encoder, src, mask=None, src_key_padding_mask=None, is_causal=None)
 def _decoder_layer(layer, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
                    memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
     def self_attention(x):
-        out = layer.self_attn(x, x, x, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask,
-                              need_weights=False, is_causal=bool(tgt_is_causal))[0]
-        return layer.dropout1(out)
+        return _attend(layer.self_attn, layer.dropout1, x, x, tgt_mask, tgt_key_padding_mask, tgt_is_causal)
 
     def cross_attention(x):
-        out = layer.multihead_attn(x, memory, memory, attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask,
-                                   need_weights=False, is_causal=bool(memory_is_causal))[0]
-        return layer.dropout2(out)
-
-    def feed_forward(x):
-        return layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
+        return _attend(layer.multihead_attn, layer.dropout2, x, memory, memory_mask, memory_key_padding_mask,
+                       memory_is_causal)
 
     x = tgt
     if layer.norm_first:
         x = x + self_attention(layer.norm1(x))
         x = x + cross_attention(layer.norm2(x))
-        return x + feed_forward(layer.norm3(x))
+        return x + _feed_forward(layer, layer.norm3(x), layer.dropout3)
     x = layer.norm1(x + self_attention(x))
     x = layer.norm2(x + cross_attention(x))
-    return layer.norm3(x + feed_forward(x))
+    return layer.norm3(x + _feed_forward(layer, x, layer.dropout3))
 
 
 def _decoder(decoder, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
