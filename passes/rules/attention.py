@@ -63,6 +63,18 @@ def _op_name(node: fx.Node) -> str:
     return t if isinstance(t, str) else getattr(t, "__name__", "")
 
 
+def _is_size_access(node: fx.Node) -> bool:
+    """``x.shape`` / ``x.size()`` / ``x.dim()`` / ``x.numel()`` / ``len(x)``: an int, not the data
+    (a weight reshaped with such sizes is still a weight)."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim", "numel", "ndimension")
+    if node.op == "call_function":
+        if node.target is getattr:
+            return len(node.args) > 1 and node.args[1] in ("shape", "ndim")
+        return node.target in (len, torch.numel)
+    return False
+
+
 def find_head_splits(gm: fx.GraphModule) -> FrozenSet[str]:
     """Names of the reshape nodes that may split q, k or v into heads.
 
@@ -72,9 +84,9 @@ def find_head_splits(gm: fx.GraphModule) -> FrozenSet[str]:
     operands are both computed from the inputs (not a weight times an activation).
     """
     param_only: Set[fx.Node] = set()
-    for n in gm.graph.nodes:  # values computed from parameters and constants only
-        if n.op == "get_attr" or (n.op in ("call_function", "call_method")
-                                  and all(a in param_only for a in n.all_input_nodes)):
+    for n in gm.graph.nodes:  # values computed from parameters, constants and sizes only
+        if n.op == "get_attr" or _is_size_access(n) or (n.op in ("call_function", "call_method")
+                                                        and all(a in param_only for a in n.all_input_nodes)):
             param_only.add(n)
     starts: List[fx.Node] = []
     for n in gm.graph.nodes:
@@ -254,6 +266,9 @@ def _mha(ctx):
         heads = ctx.fresh(h)
         q_at, v_at = heads.repeat_interleave(dqk), heads.repeat_interleave(dv)
         ctx.internal("heads", heads)
+        mask = ctx.arg(5, "attn_mask", None)
+        if isinstance(mask, TensorInfo) and mask.ndim == 3:  # (batch * heads, L, S): sized by the heads
+            ctx.pin(heads, f"{ctx.describe()} gets one attn_mask slice per head (a 3-D mask)")
     else:
         qk_dims, v_dims = ctx.fresh(dqk), ctx.fresh(dv)
         q_at, v_at = qk_dims.repeat(h), v_dims.repeat(h)

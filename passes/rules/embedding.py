@@ -1,7 +1,8 @@
 """Embedding lookups.
 
     embedding(ids)        # ids (N, L) -> (N, L, C): C is a new channel vector, the
-                          # table's dim 1 (its rows, one per token id, are never removed)
+                          # table's dim 1 (its rows, one per token id, are never removed);
+                          # with max_norm, rows are renormalised over all C: pinned
 """
 from __future__ import annotations
 
@@ -23,7 +24,14 @@ def _embedding_module(ctx):
     for d in range(ids.ndim):
         ctx.mix(ids, d, "used as token ids")
     out = ctx.param("weight", 1, link=True)
+    _pin_max_norm(ctx, out, ctx.module.max_norm)
     return Labels({len(ctx.out_shape) - 1: out})
+
+
+def _pin_max_norm(ctx, atoms, max_norm) -> None:
+    """Rows renormalised to ``max_norm`` (a norm over every column) mix the columns."""
+    if max_norm is not None:
+        ctx.pin(atoms, f"renormalised over the embedding dim (max_norm) by {ctx.describe()}")
 
 
 @register_channel_rule(F.embedding)
@@ -34,4 +42,5 @@ def _embedding_function(ctx):
     out = Labels()
     if ctx.has_channels(table, 1):
         out[len(ctx.out_shape) - 1] = ctx.labels(table, 1)
+        _pin_max_norm(ctx, ctx.labels(table, 1), ctx.value(3, "max_norm", None))
     return out

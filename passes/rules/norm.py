@@ -158,14 +158,17 @@ def _layer_norm_module(ctx):
 
 
 def _layer_norm_function_slim(sctx):
+    """normalized_shape = the last dims' kept sizes (also when it was computed from
+    channel counts: ``(x.shape[-1],)``)."""
     x = sctx.arg(0, "input")
     shape = sctx.value(1, "normalized_shape")
-    if isinstance(shape, int) or len(shape) == 1:
-        sctx.set_arg(1, "normalized_shape", (sctx.kept_count(x, len(sctx.shape(x)) - 1),))
+    k = 1 if isinstance(shape, int) else len(shape)
+    nd = len(sctx.shape(x))
+    sctx.set_arg(1, "normalized_shape", tuple(sctx.kept_count(x, d) for d in range(nd - k, nd)))
 
 
 @register_channel_rule(F.layer_norm, torch.layer_norm, torch_attr("nn.functional.rms_norm"),
-                       slim=_layer_norm_function_slim)
+                       slim=_layer_norm_function_slim, handles_sizes=True)
 def _layer_norm_function(ctx):
     x = ctx.arg(0, "input")
     shape = ctx.value(1, "normalized_shape")
