@@ -85,7 +85,11 @@ def export_onnx(
         dynamic_axes = {n: {0: "batch"} for n in input_names + output_names}
     was_training = model.training
     model.eval()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
+        # nn.MultiheadAttention's eval fast path is one fused op that ONNX lacks: export
+        # its standard path (the same function)
+        torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
             # the exporter restores its module's mode recursively afterwards: the wrapper
@@ -100,6 +104,7 @@ def export_onnx(
             batch_sizes.append(args[0].shape[0] * 2)
         diffs, scales = verify_onnx(model, path, args, tasks, batch_sizes=batch_sizes, rtol=rtol)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
     report = ExportReport(path=path, size_bytes=path.stat().st_size, outputs=tuple(output_names),
                           max_abs_diff=diffs, scale=scales, batch_sizes=tuple(batch_sizes), opset=opset)

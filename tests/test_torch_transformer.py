@@ -103,3 +103,12 @@ def test_torch_transformers_compress_and_slim(build, attention):
     with torch.no_grad():
         out = slim.eval()(x)
     assert {t: v.shape for t, v in out.items()} == {t: v.shape for t, v in targets.items()}
+
+
+def test_models_with_torch_multihead_attention_export_to_onnx(tmp_path):
+    """nn.MultiheadAttention's eval fast path (one fused op ONNX lacks) is off during export."""
+    torch.manual_seed(0)
+    gm = trace_model(EncoderTasks(False).eval())
+    report = dfx.export_onnx(gm, torch.randn(2, 5, 6), tmp_path / "encoder.onnx")  # raises on a mismatch
+    assert report.outputs == ("tag", "cls")
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
