@@ -53,7 +53,10 @@ def attention_sizes(model: torch.nn.Module):
         for n in gm.graph.nodes:
             if n.op == "call_function" and getattr(n.target, "__name__", "") == "shifted_window_attention":
                 h = n.args[5] if len(n.args) > 5 else n.kwargs["num_heads"]
-                qkv_rows = gm.get_parameter(n.args[1].target).shape[0]
+                weight = n.args[1]
+                while weight.op != "get_attr":  # the masked model multiplies it by a channel mask
+                    weight = weight.args[0]
+                qkv_rows = gm.get_parameter(weight.target).shape[0]
                 layers, heads = layers + 1, heads + h
                 widths.add(qkv_rows // (3 * h))
     return layers, heads, widths

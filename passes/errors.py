@@ -5,6 +5,8 @@ It lives in the lower layer because passes raise these errors and must not impor
 """
 from __future__ import annotations
 
+import os
+
 import re
 from typing import Optional
 
@@ -58,14 +60,24 @@ def describe_node(node: fx.Node, gm: Optional[fx.GraphModule] = None) -> str:
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n[ \t]*([^\n]*)')
 
 
+def _is_tracer_file(path: str) -> bool:
+    """Frames of passes/trace.py (its tracer, and its stand-ins for torch's transformer
+    layers) are ours, not the user's."""
+    return os.path.abspath(path) == _TRACE_FILE
+
+
+_TRACE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trace.py")
+
+
 def user_source_line(node: fx.Node) -> str:
     """The innermost frame of the node's recorded stack trace outside torch itself.
 
     fx records the whole Python stack at trace time, ending in its own frames; the
-    user's line is the last one that is not in torch.
+    user's line is the last one that is not in torch (nor in this library's tracer).
     """
     trace = node.meta.get("stack_trace") or ""
-    frames = [f for f in _FRAME.findall(trace) if "/torch/" not in f[0].replace("\\", "/")]
+    frames = [f for f in _FRAME.findall(trace)
+              if "/torch/" not in f[0].replace("\\", "/") and not _is_tracer_file(f[0])]
     if not frames:
         return ""
     path, line, func, code = frames[-1]
