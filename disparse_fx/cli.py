@@ -82,11 +82,13 @@ def _shape(text: str) -> Tuple[int, ...]:
 
 
 def _add_commands(sub) -> None:
-    from .config import CRITERIA, GRANULARITIES
+    from .config import ATTENTION, CRITERIA, GRANULARITIES
 
     def cfg(p, *, criterion="snip"):
         p.add_argument("--sparsity", type=float, default=0.5, help="fraction of prunable parameters removed")
         p.add_argument("--granularity", choices=GRANULARITIES, default="element")
+        p.add_argument("--attention", choices=ATTENTION, default="heads",
+                       help="channel granularity: prune whole attention heads or per-head dimensions")
         p.add_argument("--seed", type=int, default=0)
         if criterion != "magnitude":
             p.add_argument("--criterion", choices=CRITERIA, default=criterion)
@@ -189,7 +191,7 @@ def _cmd_inspect(args, out: TextIO) -> int:
     model = _model(args.model)
     data = [torch.randn(args.input_shape)] if args.input_shape else []
     config = CompressConfig(sparsity=args.sparsity, criterion="magnitude", granularity=args.granularity,
-                            num_batches=1, seed=args.seed, progress=False)
+                            num_batches=1, seed=args.seed, progress=False, attention=args.attention)
     result = compress(model, _dummy_losses(model), data, config)
     plan = result.plan
     kinds = {"shared": "shared", "task": "task-specific", "unused": "unused"}
@@ -242,7 +244,7 @@ def _cmd_compress(args, out: TextIO) -> int:
                        "with --input-shape)")
     config = CompressConfig(sparsity=args.sparsity, criterion=args.criterion, disentangle=not args.baseline,
                             granularity=args.granularity, num_batches=args.num_batches, seed=args.seed,
-                            progress=False)
+                            progress=False, attention=args.attention)
     result = compress(model, losses, data, config)
     print(result.summary(), file=out)
     save(result, args.out)

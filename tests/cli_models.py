@@ -16,3 +16,13 @@ def small_data():
 
 def not_a_model():
     return 42
+
+
+def small_transformer():
+    """A token model on nn.TransformerEncoder (attention heads, LayerNorms) with two heads."""
+    import torch
+
+    from .test_torch_transformer import EncoderTasks
+
+    torch.manual_seed(0)
+    return EncoderTasks(norm_first=True).eval()

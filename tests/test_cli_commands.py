@@ -57,6 +57,13 @@ def test_inspect(tmp_path):
     assert "def forward(self, x):" in out and "weight_mask" in out and "return {'seg'" in out
 
 
+def test_inspect_a_transformer_by_head_dims():
+    out = _ok(run_cli("inspect", "tests.cli_models:small_transformer", "--input-shape", "2,5,6", "--granularity",
+                      "channel", "--attention", "head_dims", "--sparsity", "0.5"))
+    assert "| encoder.layers.0.self_attn.in_proj_weight" in out
+    assert "masked_layer_norm" in out  # residual channels removed: LayerNorm statistics over the kept ones
+
+
 def test_failure_is_one_line_exit_1(tmp_path):
     res = run_cli("slim", tmp_path / "missing.dfx", "--out", tmp_path / "x.dfx")
     assert res.returncode == 1
