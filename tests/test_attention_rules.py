@@ -1108,3 +1108,55 @@ def test_bad_attention_policy():
     with pytest.raises(DisparseValueError, match="attention"):
         dfx.CompressConfig(attention=None)
     assert dfx.CompressConfig(attention="head_dims").attention == "head_dims"
+
+
+# ----------------------------------------------------------------------------- per-head ops on q and k
+class RotaryQKNorm(PackedSDPA):
+    """Modern attention: per-head LayerNorm on q and k (qk-norm), then rotary position
+    embeddings (``x * cos + rotate_half(x) * sin`` with cos/sin buffers, ``rotate_half``
+    = ``cat(-x2, x1)`` of the two halves of the head dim)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qn, self.kn = nn.LayerNorm(D), nn.LayerNorm(D)
+        angles = torch.arange(5.0)[:, None] * torch.tensor([1.0, 0.5] * 2)[None]  # (L, D)
+        self.register_buffer("cos", angles.cos())
+        self.register_buffer("sin", angles.sin())
+
+    @staticmethod
+    def rotate_half(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([-x2, x1], dim=-1)
+
+    def forward(self, x, attn_mask=None):
+        B, L, C = x.shape
+        h = self.inp(x)
+        q, k, v = self.qkv(h).reshape(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.qn(q), self.kn(k)
+        q = q * self.cos + self.rotate_half(q) * self.sin
+        k = k * self.cos + self.rotate_half(k) * self.sin
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C)
+        y = h + self.proj(o)
+        return {"a": self.a(y), "b": self.b(y)}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_qk_norm_and_rotary_embeddings_keep_the_head_policy(policy):
+    """The walk from the attention product back to the head split goes through per-head
+    norms and rotary embeddings, so "heads" really prunes heads (H=2 < D=4: the fallback
+    coupling would have taken head dims) and "head_dims" pairs the rotated halves."""
+    torch.manual_seed(0)
+    gm = trace_model(RotaryQKNorm())
+    reshape = next(n.name for n in gm.graph.nodes if n.op == "call_method" and n.target == "reshape")
+    assert reshape in find_head_splits(gm)
+    groups = find_channel_groups(gm, (X_SEQ,), attention=policy)
+    g, rows = group_of(groups, "qkv.weight", 0)
+    assert g.removable, g.reason
+    if policy == "heads":
+        assert g.size == H
+        assert rows.index.tolist() == torch.arange(H).repeat_interleave(D).repeat(3).tolist()
+    else:  # dim d and d + D/2 are rotated into each other: one channel
+        assert g.size == D // 2
+        assert group_of(groups, "qn.weight", 0)[0] is g
+    for seed in range(3):
+        masked_and_slim(gm, groups, random_keep(groups, seed=seed), X_SEQ)

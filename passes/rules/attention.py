@@ -51,10 +51,14 @@ __all__ = ["find_head_splits", "replace_submodule"]
 _SDPA = F.scaled_dot_product_attention
 _EINSUM = (torch.einsum, torch_attr("functional.einsum"))
 _PRODUCTS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "__matmul__", *_EINSUM}
-# ops a q, k or v goes through between its head split and the attention product
-_SHAPE_ONLY = {"permute", "transpose", "contiguous", "getitem", "unbind", "chunk", "split", "mul",
-               "truediv", "div", "float", "to", "clone", "normalize", "view", "reshape", "unflatten",
-               "squeeze", "unsqueeze", "flatten", "type_as", "half", "bfloat16", "swapaxes", "movedim"}
+# ops a q, k or v goes through between its head split and the attention product:
+# shape ops, scaling, rotary embeddings (x * cos + cat(-x2, x1) * sin), per-head norms
+# (qk-norm), dropout
+_PER_HEAD = {"permute", "transpose", "contiguous", "getitem", "unbind", "chunk", "split", "mul",
+             "truediv", "div", "float", "to", "clone", "normalize", "view", "reshape", "unflatten",
+             "squeeze", "unsqueeze", "flatten", "type_as", "half", "bfloat16", "swapaxes", "movedim",
+             "add", "sub", "neg", "cat", "concat", "layer_norm", "rms_norm", "dropout"}
+_PER_HEAD_MODULES = (nn.LayerNorm, nn.RMSNorm, nn.Dropout, nn.Identity)
 _RESHAPES = {"view", "reshape", "unflatten"}
 
 
@@ -78,8 +82,9 @@ def _is_size_access(node: fx.Node) -> bool:
 def find_head_splits(gm: fx.GraphModule) -> FrozenSet[str]:
     """Names of the reshape nodes that may split q, k or v into heads.
 
-    A reshape qualifies when a chain of shape-only ops (permute, transpose, unbind,
-    chunk, getitem, scaling, ...) leads from it to an operand of an attention product:
+    A reshape qualifies when a chain of per-head ops (permute, transpose, unbind, chunk,
+    getitem, scaling, rotary embeddings, per-head norms, dropout) leads from it to an
+    operand of an attention product:
     ``scaled_dot_product_attention``, or a ``matmul`` / ``bmm`` / ``einsum`` whose
     operands are both computed from the inputs (not a weight times an activation).
     """
@@ -106,7 +111,10 @@ def find_head_splits(gm: fx.GraphModule) -> FrozenSet[str]:
         if n in seen or n in param_only:
             continue
         seen.add(n)
-        if n.op not in ("call_function", "call_method") or _op_name(n) not in _SHAPE_ONLY:
+        if n.op == "call_module":
+            if not isinstance(gm.get_submodule(n.target), _PER_HEAD_MODULES):
+                continue
+        elif n.op not in ("call_function", "call_method") or _op_name(n) not in _PER_HEAD:
             continue
         if _op_name(n) in _RESHAPES:
             marks.add(n.name)
