@@ -16,3 +16,11 @@ def test_quickstart_runs(capsys):
     exec(compile(code, str(README), "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out
     assert "shared(seg,cls)" in out and "weight_mask" in out
+
+
+def test_transformer_example_runs(capsys):
+    code = re.search(r"## Transformers: heads, head dimensions, tokens\s+```python\n(.*?)```", README.read_text(),
+                     re.S).group(1)
+    exec(compile(code, str(README), "exec"), {"__name__": "readme"})
+    out = capsys.readouterr().out
+    assert "M parameters (from 28.0M), heads per layer [" in out
