@@ -1160,3 +1160,47 @@ def test_qk_norm_and_rotary_embeddings_keep_the_head_policy(policy):
         assert group_of(groups, "qn.weight", 0)[0] is g
     for seed in range(3):
         masked_and_slim(gm, groups, random_keep(groups, seed=seed), X_SEQ)
+
+
+class GroupedQuery(nn.Module):
+    """Grouped-query attention: 4 query heads share 2 key/value heads (sdpa enable_gqa)."""
+
+    def __init__(self, c=8, q_heads=4, kv_heads=2, d=2):
+        super().__init__()
+        self.hq, self.hkv, self.d = q_heads, kv_heads, d
+        self.inp = nn.Linear(c, c)
+        self.q = nn.Linear(c, q_heads * d)
+        self.kv = nn.Linear(c, 2 * kv_heads * d)
+        self.proj = nn.Linear(q_heads * d, c)
+        self.a, self.b = nn.Linear(c, 2), nn.Linear(c, 3)
+
+    def forward(self, x):
+        B, L, C = x.shape
+        h = self.inp(x)
+        q = self.q(h).reshape(B, L, self.hq, self.d).transpose(1, 2)
+        k, v = self.kv(h).reshape(B, L, 2, self.hkv, self.d).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).reshape(B, L, -1)
+        y = h + self.proj(o)
+        return {"a": self.a(y), "b": self.b(y)}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_grouped_query_attention_removes_a_kv_head_with_its_query_heads(policy):
+    torch.manual_seed(0)
+    gm = trace_model(GroupedQuery())
+    groups = find_channel_groups(gm, (X_SEQ,), attention=policy)
+    g, rows = group_of(groups, "kv.weight", 0)
+    assert g.removable, g.reason
+    q_rows = group_of(groups, "q.weight", 0)[1]
+    if policy == "heads":  # channel j = kv head j and query heads 2j, 2j+1
+        assert g.size == 2 and group_of(groups, "q.weight", 0)[0] is g
+        assert q_rows.index.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+        assert rows.index.tolist() == [0, 0, 1, 1] * 2
+    else:
+        assert g.size == 2 and rows.index.tolist() == [0, 1] * 4
+    for seed in range(3):
+        _, slim = masked_and_slim(gm, groups, random_keep(groups, seed=seed), X_SEQ)
+    keep = {g.id: torch.tensor([False, True])}
+    _, slim = masked_and_slim(gm, groups, keep, X_SEQ)
+    if policy == "heads":
+        assert slim.q.weight.shape[0] == 2 * 2 and slim.kv.weight.shape[0] == 2 * 1 * 2

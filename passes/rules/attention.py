@@ -144,7 +144,8 @@ def _scaled_dot_product_attention(ctx):
     """sdpa(q, k, v): q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev).
 
     q and k share E (contracted: masking q suffices); keys are softmax-mixed; the batch
-    dims (heads) of q, k, v and a broadcast mask are one channel set.
+    dims (heads) of q, k, v and a broadcast mask are one channel set. With
+    ``enable_gqa`` a channel is a k/v head with its query heads.
     """
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
     mask = ctx.arg(3, "attn_mask", None)
@@ -159,11 +160,27 @@ def _scaled_dot_product_attention(ctx):
             ctx.mix(mask, d, "used as an attention mask")
         if mask.ndim > 2:
             operands.append(mask)
-    if bool(ctx.value(7, "enable_gqa", False)):
-        for x in (q, k, v):
-            for d in range(x.ndim - 2):
-                ctx.mix(x, d, "grouped-query attention heads")
+    if bool(ctx.value(7, "enable_gqa", False)) and q.ndim >= 3 and q.shape[-3] != k.shape[-3]:
+        _group_query_heads(ctx, q, k, v)
     return product_labels(ctx, operands, q, v)
+
+
+def _group_query_heads(ctx, q: TensorInfo, k: TensorInfo, v: TensorInfo) -> None:
+    """Grouped-query attention: q head ``i`` reads k/v head ``i // g``. One channel is a
+    k/v head with its ``g`` query heads (removing a k/v head removes its query heads;
+    the ratio ``g`` stays, so the grouping stays valid)."""
+    if not any(ctx.has_channels(x, -3) for x in (q, k, v)):
+        return
+    hq, hkv = q.shape[-3], k.shape[-3]
+    reason = f"grouped-query heads of {ctx.describe()} combined with heads that are fixed"
+    q_heads = ctx.labels(q, -3)
+    if q_heads is None:
+        ctx.join(None, ctx.labels(k, -3), ctx.labels(v, -3), reason=reason)
+        return
+    rows = q_heads.view(hkv, hq // hkv)
+    for j in range(1, rows.shape[1]):
+        ctx.unify(rows[:, 0], rows[:, j])
+    ctx.join(rows[:, 0].contiguous(), ctx.labels(k, -3), ctx.labels(v, -3), reason=reason)
 
 
 # ----------------------------------------------------------------------------- einsum
