@@ -72,6 +72,13 @@ def group_at(groups, gids):
     return groups.groups[gid]
 
 
+def traced_groups(model, policy, x=None):
+    """(gm, groups) of ``model`` traced and analysed on ``x`` (default X_SEQ) under ``policy``."""
+    torch.manual_seed(0)
+    gm = trace_model(model)
+    return gm, find_channel_groups(gm, (X_SEQ if x is None else x,), attention=policy)
+
+
 def calls(gm, target):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
 
@@ -133,9 +140,7 @@ H, D = 2, 4
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_sdpa_groups_index_patterns_and_parity(policy):
-    torch.manual_seed(0)
-    gm = trace_model(PackedSDPA())
-    groups = find_channel_groups(gm, (X_SEQ,), attention=policy)
+    gm, groups = traced_groups(PackedSDPA(), policy)
     g, rows = group_of(groups, "qkv.weight", 0)
     assert g.removable, g.reason
     _, cols = group_of(groups, "proj.weight", 1)
@@ -1186,9 +1191,7 @@ class GroupedQuery(nn.Module):
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_grouped_query_attention_removes_a_kv_head_with_its_query_heads(policy):
-    torch.manual_seed(0)
-    gm = trace_model(GroupedQuery())
-    groups = find_channel_groups(gm, (X_SEQ,), attention=policy)
+    gm, groups = traced_groups(GroupedQuery(), policy)
     g, rows = group_of(groups, "kv.weight", 0)
     assert g.removable, g.reason
     q_rows = group_of(groups, "q.weight", 0)[1]
