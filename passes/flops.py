@@ -1,7 +1,10 @@
 """FLOPs of a traced model, per node and per task, from shapes propagated on an example.
 
 Counted: multiply-accumulates x 2 of convolutions (module and functional, transposed
-too), linear layers and matmuls - the ops that dominate CNN and transformer cost.
+too), linear layers, matmuls and einsums, and attention: ``nn.MultiheadAttention`` (and
+:class:`passes.attention.MultiheadAttention`: projections, q k^T, attention x v),
+``scaled_dot_product_attention`` and Swin's window attention - the ops that dominate
+CNN and transformer cost.
 Elementwise ops, norms and pooling are not counted (say so wherever FLOPs are shown).
 Per-sample numbers: totals divided by the example's batch size.
 
@@ -96,6 +99,8 @@ def _node_flops(gm: fx.GraphModule, node: fx.Node) -> Tuple[int, Optional[fx.Nod
     """(FLOPs of the whole batch, the node holding the weight or None)."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
+        if hasattr(m, "num_heads") and hasattr(m, "out_proj"):  # torch's or our MultiheadAttention
+            return _mha_flops(m, node), None
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             return 2 * _numel(node) * (m.in_channels // m.groups) * math.prod(m.kernel_size), None
         if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
@@ -121,7 +126,63 @@ def _node_flops(gm: fx.GraphModule, node: fx.Node) -> Tuple[int, Optional[fx.Nod
     if node.target in _MATMUL_FUNCS:
         a = _shape(node.args[0])
         return (2 * _numel(node) * a[-1], None) if a else (0, None)
+    if node.target is F.scaled_dot_product_attention:
+        q, k, v = (_shape(a) for a in node.args[:3])
+        if not (q and k and v):
+            return 0, None
+        pairs = math.prod(q[:-1]) * k[-2]  # batch x heads x Lq x Lk
+        return 2 * pairs * (q[-1] + v[-1]), None
+    if node.target in _EINSUM_FUNCS:
+        return _einsum_flops(node), None
+    if getattr(node.target, "__name__", "") == "shifted_window_attention":
+        return _window_attention_flops(node), None
     return 0, None
+
+
+_EINSUM_FUNCS = {torch.einsum, getattr(torch.functional, "einsum", torch.einsum)}
+
+
+def _einsum_flops(node: fx.Node) -> int:
+    """2 x the product of every letter's size (each output element sums over the rest)."""
+    eq = node.args[0] if isinstance(node.args[0], str) else None
+    shapes = [_shape(a) for a in node.args[1:]]
+    if eq is None or "..." in eq or not all(shapes):
+        return 0
+    sizes: Dict[str, int] = {}
+    for term, shape in zip(eq.replace(" ", "").split("->")[0].split(","), shapes):
+        for c, n in zip(term, shape):
+            sizes[c] = max(sizes.get(c, 1), n)
+    return 2 * math.prod(sizes.values())
+
+
+def _mha_flops(m: nn.Module, node: fx.Node) -> int:
+    """Projections (q, k, v, out) plus q k^T and attention x v, for the whole batch."""
+    q, k = _shape(node.args[0]), _shape(node.args[1] if len(node.args) > 1 else node.kwargs.get("key"))
+    if not (q and k):
+        return 0
+    heads = m.num_heads
+    dqk = getattr(m, "head_dim", m.embed_dim // heads)
+    dv = getattr(m, "v_head_dim", dqk)
+    out_dim = m.out_proj.out_features
+    lq = math.prod(q[:-1])  # every query token of the batch
+    lk = math.prod(k[:-1])
+    per_query_keys = k[0] if (len(k) == 3 and not m.batch_first) or len(k) == 2 else k[1]
+    proj = lq * q[-1] * heads * dqk + lk * k[-1] * heads * (dqk + dv) + lq * heads * dv * out_dim
+    attention = lq * per_query_keys * heads * (dqk + dv)
+    return 2 * (proj + attention)
+
+
+def _window_attention_flops(node: fx.Node) -> int:
+    """Swin: qkv and proj over every (padded) token, attention within each window."""
+    x = _shape(node.args[0])
+    qkv_w, proj_w = _shape(node.args[1]), _shape(node.args[2])
+    window = node.args[4] if len(node.args) > 4 else node.kwargs.get("window_size")
+    if not (x and qkv_w and proj_w and window):
+        return 0
+    b, h, w = x[0], -(-x[1] // window[0]) * window[0], -(-x[2] // window[1]) * window[1]
+    tokens, per_window = b * h * w, window[0] * window[1]
+    inner = qkv_w[0] // 3
+    return 2 * (tokens * qkv_w[1] * qkv_w[0] + tokens * per_window * 2 * inner + tokens * inner * proj_w[0])
 
 
 def _density(gm: fx.GraphModule, weight: Optional[fx.Node]) -> float:
