@@ -273,3 +273,26 @@ def test_crafted_attribute_paths_are_refused(saved, tmp_path):
 
     with pytest.raises(CorruptFileError, match="not a submodule, parameter, buffer or tensor constant"):
         load(_rewrite(saved, tmp_path / "c.dfx", evil))
+
+
+def test_transformer_channel_result_round_trips(tmp_path):
+    """A channel result on a transformer (head-dim channels inside MultiheadAttention,
+    masked LayerNorms) saves and loads; the loaded result slims to the same model."""
+    import torch.nn.functional as F
+
+    from .transformer_zoo import build
+
+    model, x = build("mha")
+    with torch.no_grad():
+        targets = {t: torch.randn_like(v) for t, v in model(x).items()}
+    losses = {t: (lambda key: lambda p, b: F.mse_loss(p, b[key]))(t) for t in targets}
+    result = dfx.compress(model, losses, [{"input": x, **targets}], dfx.CompressConfig(
+        sparsity=0.5, granularity="channel", attention="head_dims", num_batches=1, progress=False))
+    save(result, tmp_path / "r.dfx")
+    back = load(tmp_path / "r.dfx")
+    groups = back.plan.channels.groups
+    assert back.plan.config.attention == groups.attention == "head_dims"
+    assert groups.normalizations and set(groups.internal_channels) == set(result.plan.channels.groups.internal_channels)
+    with torch.no_grad():
+        want, got = dfx.slim(result).eval()(x), dfx.slim(back).eval()(x)
+    assert all(torch.equal(want[k], got[k]) for k in want)
