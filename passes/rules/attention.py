@@ -21,9 +21,11 @@ What a channel of such a block is, is a choice (``find_channel_groups(attention=
 The choice is made where it must be: at the reshape that splits a projection's output
 into ``(..., heads, head_dim)``. :func:`find_head_splits` finds those reshapes before
 the analysis runs, by walking back from every attention product (``scaled_dot_product_
-attention``, and ``matmul`` / ``einsum`` of two activations) through shape-only ops;
-the reshape rule (:mod:`passes.rules.shape`) then keeps the heads' or the head dims'
-channels. Every other reshape keeps its usual rule.
+attention``, and ``matmul`` / ``einsum`` of two activations) through per-head ops
+(shape ops, scaling, qk-norm, rotary embeddings, dropout); the reshape rule
+(:mod:`passes.rules.shape`) then keeps the heads' or the head dims' channels. Every
+other reshape keeps its usual rule. Grouped-query attention (``enable_gqa``) makes a
+k/v head and its query heads one channel.
 
 ``nn.MultiheadAttention`` (and :class:`passes.attention.MultiheadAttention`) is a leaf
 module whose heads live inside it: its rule declares them as *internal channels*; the
