@@ -307,6 +307,14 @@ def random_inputs(groups: ChannelGroups, device: torch.device, seed: int = 0) ->
     return tuple(out)
 
 
+def _seeded(model: nn.Module, inputs: Tuple[Any, ...], device: torch.device, seed: int) -> Any:
+    """``model(*inputs)`` with the global RNG (CPU, and ``device`` if CUDA) forked and seeded."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return model(*inputs)
+
+
 def _leaves(obj: Any, path: str = "") -> Iterator[Tuple[str, Any]]:
     if isinstance(obj, torch.Tensor):
         yield path or "output", obj
@@ -331,8 +339,10 @@ def check_parity(reference: fx.GraphModule, slim_gm: fx.GraphModule, groups: Cha
         slim_gm = copy.deepcopy(slim_gm).float()
     inputs = random_inputs(groups, device, seed)
     with _eval_mode(reference, slim_gm), torch.no_grad():
-        expected = reference(*inputs)
-        got = slim_gm(*inputs)
+        # same random stream for both: a graph traced in train mode keeps random ops
+        # (stochastic depth with training=True baked in) even in eval mode
+        expected = _seeded(reference, inputs, device, seed)
+        got = _seeded(slim_gm, inputs, device, seed)
     exp_leaves, got_leaves = dict(_leaves(expected)), dict(_leaves(got))
     if exp_leaves.keys() != got_leaves.keys():
         raise PostconditionError(f"{what}: the slim model returns {sorted(got_leaves)}, the masked model "

@@ -160,8 +160,30 @@ def trace_model(
     name = model.__class__.__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     task_output_nodes(gm)
+    if _depends_on_mode(model, graph, leaf_modules, concrete_args):
+        mode = "train" if model.training else "eval"
+        log.warning(
+            "%s computes differently in train and eval mode in a way torch.fx fixes at trace time "
+            "(functional dropout or stochastic depth called with training=self.training): the traced graph "
+            "is the %s-mode graph and stays so after .train() / .eval(). Trace (compress) the model in the "
+            "mode it will run in.", name, mode)
     log.debug("traced %s:\n%s", name, _LazyCode(gm))
     return gm
+
+
+def _depends_on_mode(model: nn.Module, graph: fx.Graph, leaf_modules, concrete_args) -> bool:
+    """Whether tracing ``model`` in the other train/eval mode gives other code (the mode
+    was read as a Python bool during tracing). The model's modes are restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(not model.training)
+        other = _Tracer(leaf_modules).trace(model, concrete_args=concrete_args)
+    except Exception:  # noqa: BLE001 - the other mode need not trace; nothing to compare
+        return False
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return other.python_code("self").src != graph.python_code("self").src
 
 
 def task_output_nodes(gm: fx.GraphModule) -> Dict[Hashable, fx.Node]:

@@ -49,3 +49,33 @@ def test_tracing_does_not_copy_or_mutate():
     assert gm.stem.weight is model.stem.weight
     assert trace_model(gm) is gm  # an already traced GraphModule is accepted as is
     assert isinstance(gm.stem, nn.Conv2d)
+
+
+class ModeDependent(nn.Module):
+    """Functional dropout with training=self.training: torch.fx bakes the mode in."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        import torch.nn.functional as F
+
+        return {"y": F.dropout(self.fc(x), 0.5, training=self.training)}
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_tracing_warns_when_the_graph_depends_on_the_mode(train, caplog):
+    model = ModeDependent().train(train)
+    with caplog.at_level("WARNING", logger="passes.trace"):
+        trace_model(model)
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "ModeDependent computes differently in train and eval mode" in msg
+    assert f"the traced graph is the {'train' if train else 'eval'}-mode graph" in msg
+    assert model.training is train and model.fc.training is train  # modes restored
+
+
+def test_tracing_a_mode_independent_model_does_not_warn(caplog):
+    with caplog.at_level("WARNING", logger="passes.trace"):
+        trace_model(ZOO[0].build().train())  # nn.Dropout / BatchNorm modules follow .train() / .eval()
+    assert not [r for r in caplog.records if "train and eval mode" in r.getMessage()]

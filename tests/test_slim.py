@@ -249,3 +249,23 @@ def test_channels_emptied_by_element_masks():
     # producer-side masks alone never empty a channel (bias / BatchNorm shift remain)
     prod = {"b2.0.0.weight": torch.zeros(16, 8, 3, 3, dtype=torch.bool)}
     assert channels_emptied_by(groups, prod) == {}
+
+
+def test_parity_check_holds_for_random_ops_baked_into_the_graph():
+    """A graph traced in train mode keeps torchvision's stochastic depth random in eval
+    mode; the parity check runs masked and slim models on one random stream."""
+    import torchvision
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(6, 8), nn.Linear(8, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            branch = torchvision.ops.stochastic_depth(self.b(torch.relu(self.a(x))), 0.5, "row", True)
+            return {"y": self.head(x + branch)}
+
+    gm = trace_model(Residual())
+    groups = find_channel_groups(gm, (torch.randn(4, 6),))
+    for seed in range(5):
+        slim_channels(gm, groups, random_keep(groups, p=0.5, seed=seed))  # raises on a mismatch
