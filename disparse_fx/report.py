@@ -157,15 +157,45 @@ def _sections(result: "CompressionResult", example_inputs: Any, slim_model: Opti
         f"batches={plan.batches} keep_ratio={plan.keep_ratio:.4f}",
         f"sparsity: target {cfg.sparsity:.4f}, achieved {plan.sparsity:.4f} over the prunable parameters",
         "shapes after: the slim model (dfx.slim); 'removed' = the parameter is gone from it",
-        "FLOPs per sample: conv / linear / matmul multiply-adds x 2 (elementwise ops, norms and pooling not "
-        "counted); a task's FLOPs are those its output needs"
+        "FLOPs per sample: conv / linear / matmul / attention multiply-adds x 2 (elementwise ops, norms and "
+        "pooling not counted); a task's FLOPs are those its output needs"
         + ("; effective FLOPs scale each op by its weight's mask density (what a sparse kernel would run)"
            if element else ""),
     ]
     unused = [p for p, o in plan.owners.items() if not o]
     if unused:
         notes.append(f"unused parameters (reach no task output, never pruned): {', '.join(unused)}")
-    return [("Per-layer", headers, rows), ("Totals", totals_headers, totals)], notes
+    sections = [("Per-layer", headers, rows), ("Totals", totals_headers, totals)]
+    heads = attention_table(plan)
+    if heads is not None:
+        sections.append(("Attention heads", *heads))
+    return sections, notes
+
+
+def attention_table(plan: Plan) -> Optional[Tuple[List[str], List[List[str]]]]:
+    """(headers, rows): per attention layer of a channel plan, its heads (or head dims)
+    before, kept, and how many each task voted to keep (``-``: the task does not reach
+    the layer); None when the plan has no attention."""
+    if plan.channels is None or not plan.channels.groups.attention_units:
+        return None
+    groups, keep, task_keep = plan.channels.groups, plan.channels.keep, plan.channels.task_keep
+    tasks = list(plan.tasks)
+    rows, seen = [], set()
+    for node, kind, gids in groups.attention_units:
+        gid = max(i for i, o in enumerate(groups.offsets) if o <= int(gids[0]))
+        if (gid, kind) in seen:
+            continue  # q, k and v of one layer split into the same heads
+        seen.add((gid, kind))
+        g = groups.groups[gid]
+        local = gids - groups.offsets[gid]
+        layer = next((m.param_name for m in g.members if m.param_name in plan.masks), node)
+        kept = int(keep[gid][local].sum()) if gid in keep else len(local)
+        row = [layer, kind.replace("_", " "), str(len(local)), str(kept) if g.removable else f"{kept} (fixed)"]
+        for t in tasks:
+            votes = task_keep.get(t, {}).get(gid)
+            row.append("-" if votes is None else str(int(votes[local].sum())))
+        rows.append(row)
+    return ["layer (first pruned parameter)", "unit", "before", "kept", *[f"votes[{t}]" for t in tasks]], rows
 
 
 def report(result: "CompressionResult", *, example_inputs: Any = None, slim_model: Optional["fx.GraphModule"] = None,

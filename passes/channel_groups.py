@@ -150,7 +150,9 @@ class ChannelGroups:
     ``normalizations`` are the ops that normalise over a removable channel dim
     (LayerNorm over tokens' channels): the masked model computes their statistics over
     the kept channels only. ``attention``: "heads" or "head_dims", what a channel of an
-    attention block is (see :mod:`passes.rules.attention`).
+    attention block is (see :mod:`passes.rules.attention`). ``attention_units``:
+    ``(node, kind, global channel ids)`` for every place that splits attention into heads
+    (kind "heads", "head_dims", "qk_dims" or "v_dims"), for reports.
     """
 
     groups: Tuple[ChannelGroup, ...]
@@ -164,6 +166,7 @@ class ChannelGroups:
     param_shapes: Mapping[str, Tuple[int, ...]]
     buffers: FrozenSet[str] = frozenset()
     internal_channels: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=lambda: MappingProxyType({}))
+    attention_units: Tuple[Tuple[str, str, torch.Tensor], ...] = ()
     normalizations: Tuple[Contraction, ...] = ()
     attention: str = "heads"
 
@@ -444,6 +447,10 @@ class RuleContext:
         if src is not None:
             self._e.norms.append((self.node.name, src.name, x.dim(dim), None))
 
+    def attention_unit(self, kind: str, labels: torch.Tensor) -> None:
+        """Record that ``labels`` are attention heads (or head dims) split here (reports)."""
+        self._e.attention_units.append((self.node.name, kind, labels))
+
     def internal(self, name: str, labels: torch.Tensor) -> None:
         """Channels that live inside this op only (an attention module's heads): the
         mask and slim hooks of its rule read their keep flags by ``name``."""
@@ -496,6 +503,7 @@ class _Analysis(fx.Interpreter):
         self.head_splits = find_head_splits(gm)
         self.norms: List[Tuple[str, str, int, None]] = []
         self.internals: Dict[str, Dict[str, torch.Tensor]] = {}
+        self.attention_units: List[Tuple[str, str, torch.Tensor]] = []
         self.uf = _UnionFind()
         self.sources: List[List[Any]] = []  # [start, n, link]
         self.member_src: Dict[Tuple[str, int], int] = {}
@@ -831,6 +839,7 @@ class _Analysis(fx.Interpreter):
             internal_channels=MappingProxyType(internal),
             normalizations=norms,
             attention=self.attention,
+            attention_units=tuple((node, kind, gids(lab)) for node, kind, lab in self.attention_units),
         )
 
 

@@ -83,3 +83,34 @@ def test_write_report_rejects_unknown_format(tmp_path):
     _, result = _compress("with_unused", "element")
     with pytest.raises(dfx.DisparseValueError, match="format must be 'md' or 'html'"):
         write_report(result, tmp_path, format="pdf")
+
+
+def test_attention_heads_table_shows_each_tasks_votes():
+    """A channel result on a transformer lists each attention layer's heads: before, kept
+    (the union of the votes of the tasks reaching it) and each task's own votes."""
+    import torch.nn.functional as F
+
+    from disparse_fx.report import attention_table
+
+    from .transformer_zoo import build
+
+    model, x = build("sdpa")
+    with torch.no_grad():
+        targets = {t: torch.randn_like(v) for t, v in model(x).items()}
+    losses = {t: (lambda key: lambda p, b: F.mse_loss(p, b[key]))(t) for t in targets}
+    result = dfx.compress(model, losses, [{"input": x, **targets}], dfx.CompressConfig(
+        sparsity=0.5, granularity="channel", num_batches=1, progress=False))
+    headers, rows = attention_table(result.plan)
+    assert headers[-3:] == ["votes[tokens]", "votes[pooled]", "votes[mid]"]
+    assert [r[0] for r in rows] == [f"blocks.{i}.attn.qkv.weight" for i in range(3)]
+    channels = result.plan.channels
+    for row in rows:
+        gid = next(g.id for g, m in channels.groups.members_of(row[0]) if m.dim == 0)  # the qkv rows
+        union = torch.stack([v[gid] for v in channels.task_keep.values() if gid in v]).any(0)
+        assert row[1:4] == ["heads", "4", str(int(channels.keep[gid].sum()))]
+        assert int(row[3]) == int(union.sum())  # removed only if every reaching task votes so
+    assert [r[-1] for r in rows][1:] == ["-", "-"]  # 'mid' branches off block 0: no vote later
+    assert "## Attention heads" in dfx.report(result)
+    element = dfx.compress(model, losses, [{"input": x, **targets}], dfx.CompressConfig(
+        sparsity=0.5, num_batches=1, progress=False))
+    assert attention_table(element.plan) is None and "## Attention heads" not in dfx.report(element)

@@ -293,6 +293,9 @@ def test_transformer_channel_result_round_trips(tmp_path):
     groups = back.plan.channels.groups
     assert back.plan.config.attention == groups.attention == "head_dims"
     assert groups.normalizations and set(groups.internal_channels) == set(result.plan.channels.groups.internal_channels)
+    from disparse_fx.report import attention_table
+
+    assert attention_table(back.plan) == attention_table(result.plan) is not None
     with torch.no_grad():
         want, got = dfx.slim(result).eval()(x), dfx.slim(back).eval()(x)
     assert all(torch.equal(want[k], got[k]) for k in want)

@@ -64,6 +64,7 @@ The ``ctx`` object (:class:`passes.channel_groups.RuleContext`) offers:
 ``ctx.resolve(atoms)``              canonical atoms (for comparisons)
 ``ctx.normalize(x, dim)``           this op normalises ``x`` over ``dim`` (LayerNorm)
 ``ctx.internal(name, atoms)``       channels living inside this op (attention heads)
+``ctx.attention_unit(kind, at)``     atoms ``at`` are attention heads or head dims (reports)
 ``ctx.attention``                   "heads" or "head_dims" (what an attention channel is)
 ``ctx.head_split``                  that policy if this reshape may split q/k/v into heads
 ==================================  =====================================================

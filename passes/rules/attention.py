@@ -293,6 +293,7 @@ def _mha(ctx):
         heads = ctx.fresh(h)
         q_at, v_at = heads.repeat_interleave(dqk), heads.repeat_interleave(dv)
         ctx.internal("heads", heads)
+        ctx.attention_unit("heads", heads)
         mask = ctx.arg(5, "attn_mask", None)
         if isinstance(mask, TensorInfo) and mask.ndim == 3:  # (batch * heads, L, S): sized by the heads
             ctx.pin(heads, f"{ctx.describe()} gets one attn_mask slice per head (a 3-D mask)")
@@ -301,6 +302,8 @@ def _mha(ctx):
         q_at, v_at = qk_dims.repeat(h), v_dims.repeat(h)
         ctx.internal("qk_dims", qk_dims)
         ctx.internal("v_dims", v_dims)
+        ctx.attention_unit("qk_dims", qk_dims)
+        ctx.attention_unit("v_dims", v_dims)
     rows = torch.cat([q_at, q_at, v_at])
     params = _mha_params(m)
     if m._qkv_same_embed_dim:

@@ -131,7 +131,10 @@ def reshape_labels(ctx, x: TensorInfo, out_shape: Sequence[int]) -> Labels:
         view = [1] * len(gi)
         view[gi.index(d)] = x.shape[d]
         E = lab.view(view).expand(sizes_in).reshape([out_shape[k] for k in gj])
-        E, k = couple(ctx, E, _head_axis(ctx, len(gj)))
+        head_axis = _head_axis(ctx, len(gj))
+        E, k = couple(ctx, E, head_axis)
+        if head_axis is not None and k is not None:
+            ctx.attention_unit(ctx.head_split, along(E, k))
         if k is None:
             if len(gj) == 1:
                 out[gj[0]] = E.reshape(-1)

@@ -82,6 +82,7 @@ def _shifted_window_attention(ctx):
     if ctx.attention == "heads":
         unit = ctx.fresh(heads)
         ctx.internal("heads", unit)
+        ctx.attention_unit("heads", unit)
         inner = unit.repeat_interleave(hd)
         if isinstance(bias, TensorInfo) and ctx.has_channels(bias, 1):
             ctx.unify(ctx.labels(bias, 1), unit)
@@ -90,6 +91,7 @@ def _shifted_window_attention(ctx):
     else:
         unit = ctx.fresh(hd)
         ctx.internal("head_dims", unit)
+        ctx.attention_unit("head_dims", unit)
         inner = unit.repeat(heads)
         if isinstance(bias, TensorInfo):
             ctx.mix(bias, 1, "a per-head bias (head dims are pruned, not heads)")
