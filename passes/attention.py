@@ -80,32 +80,24 @@ def _canonical_mask(mask: Optional[Tensor], mask_name: str, target_dtype: torch.
 def _check_input_ranks(query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
                        attn_mask: Optional[Tensor], num_heads: int) -> bool:
     """Whether the inputs are batched (3-D) or unbatched (2-D); torch's rank rules, as ValueErrors."""
-    if query.dim() == 3:
-        if key.dim() != 3 or value.dim() != 3:
-            raise DisparseValueError(f"for a batched (3-D) query, key and value must be 3-D; got {key.dim()}-D "
-                                     f"and {value.dim()}-D")
-        if key_padding_mask is not None and key_padding_mask.dim() != 2:
-            raise DisparseValueError(f"for a batched (3-D) query, key_padding_mask must be None or 2-D; got "
-                                     f"{key_padding_mask.dim()}-D")
-        if attn_mask is not None and attn_mask.dim() not in (2, 3):
-            raise DisparseValueError(f"attn_mask must be None, 2-D or 3-D; got {attn_mask.dim()}-D")
-        return True
-    if query.dim() == 2:
-        if key.dim() != 2 or value.dim() != 2:
-            raise DisparseValueError(f"for an unbatched (2-D) query, key and value must be 2-D; got {key.dim()}-D "
-                                     f"and {value.dim()}-D")
-        if key_padding_mask is not None and key_padding_mask.dim() != 1:
-            raise DisparseValueError(f"for an unbatched (2-D) query, key_padding_mask must be None or 1-D; got "
-                                     f"{key_padding_mask.dim()}-D")
-        if attn_mask is not None:
-            if attn_mask.dim() not in (2, 3):
-                raise DisparseValueError(f"attn_mask must be None, 2-D or 3-D; got {attn_mask.dim()}-D")
-            expected = (num_heads, query.shape[0], key.shape[0])
-            if attn_mask.dim() == 3 and tuple(attn_mask.shape) != expected:
-                raise DisparseValueError(f"for an unbatched query, a 3-D attn_mask must have shape {expected}; "
-                                         f"got {tuple(attn_mask.shape)}")
-        return False
-    raise DisparseValueError(f"query must be unbatched 2-D or batched 3-D; got a {query.dim()}-D tensor")
+    if query.dim() not in (2, 3):
+        raise DisparseValueError(f"query must be unbatched 2-D or batched 3-D; got a {query.dim()}-D tensor")
+    batched = query.dim() == 3
+    rank, kind = (3, "a batched (3-D)") if batched else (2, "an unbatched (2-D)")
+    if key.dim() != rank or value.dim() != rank:
+        raise DisparseValueError(f"for {kind} query, key and value must be {rank}-D; got {key.dim()}-D "
+                                 f"and {value.dim()}-D")
+    if key_padding_mask is not None and key_padding_mask.dim() != rank - 1:
+        raise DisparseValueError(f"for {kind} query, key_padding_mask must be None or {rank - 1}-D; got "
+                                 f"{key_padding_mask.dim()}-D")
+    if attn_mask is not None and attn_mask.dim() not in (2, 3):
+        raise DisparseValueError(f"attn_mask must be None, 2-D or 3-D; got {attn_mask.dim()}-D")
+    if not batched and attn_mask is not None and attn_mask.dim() == 3:
+        expected = (num_heads, query.shape[0], key.shape[0])
+        if tuple(attn_mask.shape) != expected:
+            raise DisparseValueError(f"for an unbatched query, a 3-D attn_mask must have shape {expected}; "
+                                     f"got {tuple(attn_mask.shape)}")
+    return batched
 
 
 class MultiheadAttention(nn.Module):
