@@ -199,6 +199,13 @@ class TextNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------- exact cases
+def per_head_attention(qkv: nn.Linear, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """sdpa of the packed projection ``qkv(x)`` split into ``heads``: (B, H, L, D), heads not merged."""
+    B, L, C = x.shape
+    q, k, v = qkv(x).reshape(B, L, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 class HeadSplitNet(nn.Module):
     """One sdpa attention layer whose output is split BY HEADS between two tasks: task ``a``
     reads heads 0..H/2-1 (``o[:, :H/2]``), task ``b`` the rest, each through its own
@@ -217,10 +224,8 @@ class HeadSplitNet(nn.Module):
 
     def forward(self, x):
         B, L, C = x.shape
-        H = self.heads
-        D = C // H
-        q, k, v = self.qkv(x).reshape(B, L, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, D)
+        H, D = self.heads, C // self.heads
+        o = per_head_attention(self.qkv, x, H)
         a = o[:, : H // 2].transpose(1, 2).reshape(B, L, H // 2 * D)
         b = o[:, H // 2:].transpose(1, 2).reshape(B, L, (H - H // 2) * D)
         return {"a": self.proj_a(a), "b": self.proj_b(b)}
@@ -244,10 +249,7 @@ class HeadRoutedNet(nn.Module):
 
     def forward(self, x):
         B, L, C = x.shape
-        H = self.heads
-        D = C // H
-        q, k, v = self.qkv(x).reshape(B, L, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, D)
+        o = per_head_attention(self.qkv, x, self.heads)
         a = (o * self.route_a).transpose(1, 2).reshape(B, L, C)
         b = (o * self.route_b).transpose(1, 2).reshape(B, L, C)
         return {"a": self.proj_a(a), "b": self.proj_b(b)}
