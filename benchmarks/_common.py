@@ -92,6 +92,19 @@ def out_path(arg: Optional[pathlib.Path], smoke: bool, name: str) -> Optional[pa
     return None if smoke else RESULTS / name
 
 
+def smoke_main(run, name: str, description: str, argv=None) -> int:
+    """``main`` of a script whose only options are ``--smoke`` and ``--out``: ``run(args)``
+    returns the results text, written to benchmarks/results/``name`` (printed only in --smoke)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", type=pathlib.Path, default=None)
+    args = ap.parse_args(argv)
+    write(out_path(args.out, args.smoke, name), run(args))
+    return 0
+
+
 def write(path: Optional[pathlib.Path], text: str) -> None:
     print(text)
     if path is not None:

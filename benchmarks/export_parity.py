@@ -9,7 +9,6 @@ which checks onnxruntime against PyTorch on two batch sizes.
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import tempfile
@@ -63,12 +62,7 @@ def run(args) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", type=pathlib.Path, default=None)
-    args = ap.parse_args(argv)
-    _common.write(_common.out_path(args.out, args.smoke, "export_parity.md"), run(args))
-    return 0
+    return _common.smoke_main(run, "export_parity.md", __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ fraction of prunable parameters removed after slimming) within 1 point.
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
@@ -72,12 +71,7 @@ def run(args) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", type=pathlib.Path, default=None)
-    args = ap.parse_args(argv)
-    _common.write(_common.out_path(args.out, args.smoke, "target_sparsity.md"), run(args))
-    return 0
+    return _common.smoke_main(run, "target_sparsity.md", __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
