@@ -46,7 +46,7 @@ import torch.fx as fx
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from passes.insert_channel_masks import MASK_MODULE, mask_plan
+from passes.insert_channel_masks import MASK_MODULE, mask_plan, norm_mask_name
 from passes.insert_masks import masked_params
 
 from . import distributed
@@ -476,9 +476,9 @@ def _mask_buffers(model: fx.GraphModule, groups, flat: torch.Tensor, *, check: b
         name = f"{arg}_dim{dim}"
         wanted[(arg, dim)] = (f"{MASK_MODULE}.{name}", present.get(name), groups.node_channels[arg][dim].long())
     for c in groups.normalizations:
-        gids = groups.node_channels[c.arg][c.dim].long()
+        gids = groups.read_channels(c).long()
         if not bool(flat[gids].all()):
-            name = f"{c.consumer}_norm"
+            name = norm_mask_name(c.consumer)
             wanted[("norm", c.consumer)] = (f"{MASK_MODULE}.{name}", present.get(name), gids)
     nodes = {n.name: n for n in model.graph.nodes}
     for node_name, internal in groups.internal_channels.items():

@@ -250,6 +250,12 @@ class ChannelGroups:
             out[name] = mask
         return out
 
+    def read_channels(self, c: Contraction) -> Optional[torch.Tensor]:
+        """Global channel ids of the slices that contraction (or normalisation) ``c`` reads:
+        those of node ``c.arg`` along ``c.dim``; None when that dim carries no channels."""
+        ch = self.node_channels.get(c.arg)
+        return ch.get(c.dim) if isinstance(ch, Mapping) else None
+
     def slice_channels(self, param_name: str) -> Dict[int, torch.Tensor]:
         """``{dim: global channel id of each slice}`` for a member parameter/buffer."""
         out: Dict[int, torch.Tensor] = {}

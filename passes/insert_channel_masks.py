@@ -202,10 +202,10 @@ def fold_channel_masks(gm: fx.GraphModule) -> int:
 
 
 def _restore_norm(gm: fx.GraphModule, node: fx.Node) -> None:
-    """masked_layer_norm(x, keep, shape, w, b, eps, module=m) -> m(x) or layer_norm(x, shape, w, b, eps)."""
-    args = list(node.args) + [None] * (7 - len(node.args))
-    for k, v in node.kwargs.items():
-        args[["x", "keep", "normalized_shape", "weight", "bias", "eps", "module"].index(k)] = v
+    """masked_layer_norm(x, keep, shape, w, b, eps, module=m) -> m(x) or layer_norm(x, shape, w, b, eps).
+
+    The node holds positional arguments only (:func:`_mask_norms` writes it so)."""
+    args = list(node.args)
     rms = node.target is masked_rms_norm
     if rms:  # (x, keep, shape, weight, eps, module)
         x, _keep, shape, weight, eps, module = args[:6]
@@ -247,36 +247,40 @@ def _mask_norms(gm: fx.GraphModule, groups: ChannelGroups, flat: torch.Tensor, h
     """Rewrite every LayerNorm / RMSNorm over removed channels to masked statistics."""
     count = 0
     for c in groups.normalizations:
-        ch = groups.node_channels.get(c.arg)
-        gids = ch.get(c.dim) if isinstance(ch, Mapping) else None
+        gids = groups.read_channels(c)
         node = nodes.get(c.consumer)
         if gids is None or node is None or bool(flat[gids].all()):
             continue
-        name = f"{c.consumer}_norm"
+        name = norm_mask_name(c.consumer)
         holder.register_buffer(name, flat[gids].to(device=device, dtype=dtype))
+        rms = _is_rms(gm.get_submodule(node.target)) if node.op == "call_module" else _is_rms_fn(node.target)
         with gm.graph.inserting_before(node):
             keep = gm.graph.get_attr(f"{MASK_MODULE}.{name}")
             if node.op == "call_module":
                 m = gm.get_submodule(node.target)
                 params = [gm.graph.get_attr(f"{node.target}.{p}") if getattr(m, p, None) is not None else None
-                          for p in (("weight",) if _is_rms(m) else ("weight", "bias"))]
+                          for p in (("weight",) if rms else ("weight", "bias"))]
                 x = node.args[0] if node.args else node.kwargs["input"]
                 shape = tuple(m.normalized_shape)
                 args = (x, keep, shape, *params, m.eps, node.target)
                 node.op = "call_function"
             else:
                 a = list(node.args)
-                names = ("input", "normalized_shape", "weight", "eps") if _is_rms_fn(node.target) else \
+                names = ("input", "normalized_shape", "weight", "eps") if rms else \
                     ("input", "normalized_shape", "weight", "bias", "eps")
                 vals = [a[i] if i < len(a) else node.kwargs.get(n) for i, n in enumerate(names)]
-                if vals[-1] is None and not _is_rms_fn(node.target):
+                if vals[-1] is None and not rms:
                     vals[-1] = 1e-5
                 args = (vals[0], keep, *vals[1:], None)
-        rms = _is_rms(gm.get_submodule(node.target)) if isinstance(node.target, str) else _is_rms_fn(node.target)
         node.target = masked_rms_norm if rms else masked_layer_norm
         node.args, node.kwargs = args, {}
         count += 1
     return count
+
+
+def norm_mask_name(consumer: str) -> str:
+    """The buffer (in ``channel_masks``) of the keep mask of masked LayerNorm ``consumer``."""
+    return f"{consumer}_norm"
 
 
 def _is_rms(m: nn.Module) -> bool:
@@ -291,10 +295,7 @@ def mask_plan(groups: ChannelGroups, flat: torch.Tensor) -> Dict[Tuple[str, int]
     """``{(node name, dim): keep flags of its slices}`` for every masked (node, dim)."""
     plan: Dict[Tuple[str, int], torch.Tensor] = {}
     for c in groups.contractions:
-        ch = groups.node_channels.get(c.arg)
-        if not isinstance(ch, Mapping):
-            continue
-        gids = ch.get(c.dim)
+        gids = groups.read_channels(c)
         if gids is None:
             continue
         kept = flat[gids]

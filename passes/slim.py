@@ -390,8 +390,7 @@ def channels_emptied_by(groups: ChannelGroups, element_masks: Mapping[str, torch
     read = torch.zeros(n, dtype=torch.bool)       # read by some weightless contraction
     live = torch.zeros(n, dtype=torch.bool)       # read through some unmasked weight slice
     for c in groups.contractions:
-        ch = groups.node_channels.get(c.arg)
-        gids = ch.get(c.dim) if isinstance(ch, Mapping) else None
+        gids = groups.read_channels(c)
         if gids is None:
             continue
         if c.weight is None:
@@ -414,8 +413,7 @@ def channels_emptied_by(groups: ChannelGroups, element_masks: Mapping[str, torch
         covered[w_gids] = True
         live[gids[~covered[gids]]] = True
     for c in groups.normalizations:  # statistics read every channel
-        ch = groups.node_channels.get(c.arg)
-        gids = ch.get(c.dim) if isinstance(ch, Mapping) else None
+        gids = groups.read_channels(c)
         if gids is not None:
             read[gids] = True
     for internal in groups.internal_channels.values():  # read inside one op (attention heads)
