@@ -265,10 +265,6 @@ def _mha_sizes(m: nn.Module):
     return h, dqk, dv, float(scale) if scale is not None else float(dqk) ** -0.5
 
 
-def _mha_params(m: nn.Module) -> Dict[str, Any]:
-    return {n: p for n, p in m.named_parameters(recurse=True)}
-
-
 def _mha(ctx):
     """MultiheadAttention(query, key, value): the inputs' channels are the projections'
     columns; heads (or head dims) are internal channels; the output's are out_proj's."""
@@ -305,21 +301,20 @@ def _mha(ctx):
         ctx.attention_unit("qk_dims", qk_dims)
         ctx.attention_unit("v_dims", v_dims)
     rows = torch.cat([q_at, q_at, v_at])
-    params = _mha_params(m)
     if m._qkv_same_embed_dim:
         ctx.unify(ctx.param("in_proj_weight", 0), rows)
     else:
         for name, at in (("q_proj_weight", q_at), ("k_proj_weight", q_at), ("v_proj_weight", v_at)):
             ctx.unify(ctx.param(name, 0), at)
-    if params.get("in_proj_bias") is not None:
+    if m.in_proj_bias is not None:
         ctx.unify(ctx.param("in_proj_bias", 0), rows)
-    if params.get("bias_k") is not None:
+    if m.bias_k is not None:
         ctx.unify(ctx.param("bias_k", 2), q_at)
-    if params.get("bias_v") is not None:
+    if m.bias_v is not None:
         ctx.unify(ctx.param("bias_v", 2), v_at)
     ctx.unify(ctx.param("out_proj.weight", 1), v_at)
     out = ctx.param("out_proj.weight", 0, link=True)
-    if params.get("out_proj.bias") is not None:
+    if m.out_proj.bias is not None:
         ctx.unify(ctx.param("out_proj.bias", 0), out)
     result = ctx.out
     first = Labels({result[0].dim() - 1: out})
