@@ -84,9 +84,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .attention import MultiheadAttention
 from .channel_groups import ChannelGroups
 from .errors import DisparseValueError
 from .rules import register_channel_rule
+from .rules.attention import _mha_sizes, replace_submodule
 from .rules.elementwise import elementwise
 
 __all__ = ["insert_channel_masks", "channel_mask", "is_channel_mask", "fold_channel_masks", "MASK_MODULE",
@@ -222,12 +224,6 @@ def _restore_norm(gm: fx.GraphModule, node: fx.Node) -> None:
 
 def _unmask_attention(gm: fx.GraphModule) -> int:
     """Attention modules carrying head masks get a mask-free twin (same parameters)."""
-    try:
-        from .attention import MultiheadAttention
-    except ImportError:
-        return 0
-    from .rules.attention import _mha_sizes, replace_submodule
-
     count = 0
     for node in gm.graph.nodes:
         if node.op != "call_module":

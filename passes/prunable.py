@@ -33,6 +33,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import MultiheadAttention, shifted_window_attention
 from .ownership import parameter_uses
 
 __all__ = ["default_prunable_params", "PRUNABLE_MODULE_TYPES", "FUNCTIONAL_WEIGHT_OPS"]
@@ -56,8 +57,6 @@ _WINDOW_ATTENTION_WEIGHTS = ("qkv_weight", "proj_weight")
 
 
 def _register_window_attention() -> None:
-    from .attention import shifted_window_attention
-
     targets = [shifted_window_attention]
     try:
         from torchvision.models.swin_transformer import shifted_window_attention as tv_swa
@@ -86,8 +85,6 @@ def default_prunable_params(gm: fx.GraphModule, reference: Optional[nn.Module] =
 def _is_weight_use(gm: fx.GraphModule, node: fx.Node, param_name: str) -> bool:
     leaf = param_name.rpartition(".")[2]
     if node.op == "call_module":
-        from .attention import MultiheadAttention
-
         mod = gm.get_submodule(node.target)
         if isinstance(mod, (nn.MultiheadAttention, MultiheadAttention)):
             return param_name.startswith(node.target + ".") and param_name[len(node.target) + 1:] in _MHA_WEIGHTS

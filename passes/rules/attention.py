@@ -43,6 +43,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..attention import MultiheadAttention as Slimmable
 from ..errors import UnsupportedOpError
 from . import Labels, register_channel_rule, torch_attr
 from ._types import TensorInfo
@@ -329,8 +330,6 @@ def _mha(ctx):
 
 def _mha_mask(sctx):
     """The masked model: our module, sharing the parameters, with head (or dim) masks."""
-    from ..attention import MultiheadAttention as Slimmable
-
     m = sctx.module
     h, dqk, dv, scale = _mha_sizes(m)
     new = Slimmable.from_torch(m) if not isinstance(m, Slimmable) else Slimmable.rebuild(
@@ -344,8 +343,6 @@ def _mha_mask(sctx):
 
 def _mha_slim(sctx):
     """Rebuild with the kept head count / dims around the sliced parameters."""
-    from ..attention import MultiheadAttention as Slimmable
-
     m = sctx.module
     h, dqk, dv, scale = _mha_sizes(m)
     if sctx.groups.attention == "heads":
@@ -356,15 +353,4 @@ def _mha_slim(sctx):
     replace_submodule(sctx.gm, sctx.node.target, new)
 
 
-register_channel_rule(nn.MultiheadAttention, slim=_mha_slim, mask=_mha_mask)(_mha)
-
-
-def _register_ours() -> None:
-    try:
-        from ..attention import MultiheadAttention as Slimmable
-    except ImportError:  # passes.attention not built yet
-        return
-    register_channel_rule(Slimmable, slim=_mha_slim, mask=_mha_mask)(_mha)
-
-
-_register_ours()
+register_channel_rule(nn.MultiheadAttention, Slimmable, slim=_mha_slim, mask=_mha_mask)(_mha)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..attention import shifted_window_attention
 from . import Labels, register_channel_rule
 from ._types import TensorInfo
 from .elementwise import first_operand
@@ -117,8 +118,6 @@ def _shifted_window_attention(ctx):
 def _shifted_window_attention_slim(sctx):
     """Call our version of the function, which takes the head count, head width and
     scale explicitly (torchvision's derives them from the input width)."""
-    from ..attention import shifted_window_attention
-
     node = sctx.node
     x = sctx.arg(0, "input")
     heads = int(sctx.value(5, "num_heads"))
@@ -141,13 +140,8 @@ def _register_swin() -> None:
         register_channel_rule(_swin._patch_merging_pad)(_patch_merging_pad)
         register_channel_rule(_swin._get_relative_position_bias)(_relative_position_bias)
         targets.append(_swin.shifted_window_attention)
-    try:
-        from ..attention import shifted_window_attention
-        targets.append(shifted_window_attention)
-    except ImportError:  # passes.attention not built yet
-        pass
-    if targets:
-        register_channel_rule(*targets, slim=_shifted_window_attention_slim)(_shifted_window_attention)
+    targets.append(shifted_window_attention)
+    register_channel_rule(*targets, slim=_shifted_window_attention_slim)(_shifted_window_attention)
 
 
 _register_swin()
