@@ -25,7 +25,7 @@ from .errors import (
 from .plan import Plan
 from .result import CompressionResult
 from .channel_decision import ChannelPlan
-from .export import ExportMismatchError, ExportReport, export_onnx
+from .export import ExportError, ExportMismatchError, ExportReport, export_onnx
 from .overlap import MaskOverlap, mask_overlap
 from .training import DynamicSparsity, erk_densities, finetune
 from .serialize import (
@@ -48,6 +48,7 @@ __all__ = [
     "slim",
     "export_onnx",
     "ExportReport",
+    "ExportError",
     "ExportMismatchError",
     "mask_overlap",
     "MaskOverlap",

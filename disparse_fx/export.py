@@ -4,7 +4,13 @@
 named after the task, and a dynamic batch axis; it then runs the file in onnxruntime
 on the example inputs and on a second batch size and compares every output with
 PyTorch (max abs diff <= ``rtol`` x the output's scale). A mismatch raises
-:class:`ExportMismatchError` naming the output and the difference.
+:class:`ExportMismatchError` naming the output and the difference; a file that
+onnxruntime cannot run at the second batch size (a size baked in at export) raises it
+naming that batch size. Every failure is an :class:`ExportError` (a ``DisparseError``).
+
+Nothing the caller passes in changes: the model is run in eval mode only (no forward in
+train mode, so BatchNorm statistics stay), and every submodule's own train/eval flag is
+put back afterwards, also when an error is raised.
 
 The exporter is torch's TorchScript-based one (``dynamo=False``): it needs no extra
 package and handles every fx GraphModule this library produces. Masks in a masked
@@ -29,13 +35,18 @@ from passes.trace import task_output_nodes
 
 from .errors import DisparseError, DisparseValueError
 
-__all__ = ["export_onnx", "ExportReport", "ExportMismatchError", "verify_onnx", "onnx_output_name"]
+__all__ = ["export_onnx", "ExportReport", "ExportError", "ExportMismatchError", "verify_onnx", "onnx_output_name"]
 
 log = logging.getLogger(__name__)
 
 
-class ExportMismatchError(DisparseError):
-    """onnxruntime's outputs differ from PyTorch's beyond the tolerance."""
+class ExportError(DisparseError):
+    """The model could not be written to ONNX, or onnxruntime could not load the file."""
+
+
+class ExportMismatchError(ExportError):
+    """onnxruntime's outputs differ from PyTorch's beyond the tolerance, or it rejects a
+    batch size the file was meant to accept."""
 
 
 @dataclass(frozen=True)
@@ -74,38 +85,49 @@ def export_onnx(
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
         raise DisparseValueError("example_inputs must be a Tensor or a tuple of Tensors (batch first), "
                                  f"got {type(example_inputs).__name__}")
+    if any(a.dim() == 0 for a in args):
+        raise DisparseValueError("example_inputs must be batch first (at least 1-D), got a 0-d tensor")
+    if not isinstance(model, nn.Module):
+        raise DisparseValueError(f"model must be an nn.Module or fx.GraphModule, got {type(model).__name__}")
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     opset = opset or 17
-    tasks = _task_names(model, args)
-    output_names = [onnx_output_name(t) for t in tasks]
-    input_names = [f"input{i}" if len(args) > 1 else "input" for i in range(len(args))]
-    dynamic_axes = None
-    if dynamic_batch:
-        dynamic_axes = {n: {0: "batch"} for n in input_names + output_names}
-    was_training = model.training
-    model.eval()
+    modes = [(m, m.training) for m in model.modules()]
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
+        model.eval()  # before any forward: a train-mode forward would update BatchNorm statistics
         # nn.MultiheadAttention's eval fast path is one fused op that ONNX lacks: export
         # its standard path (the same function)
         torch.backends.mha.set_fastpath_enabled(False)
+        tasks = _task_names(model, args)
+        output_names = [onnx_output_name(t) for t in tasks]
+        input_names = [f"input{i}" if len(args) > 1 else "input" for i in range(len(args))]
+        dynamic_axes = None
+        if dynamic_batch:
+            dynamic_axes = {n: {0: "batch"} for n in input_names + output_names}
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
             # the exporter restores its module's mode recursively afterwards: the wrapper
             # must itself be in eval mode, or it would put the model back in train mode
-            torch.onnx.export(
-                _TupleOutputs(model, tasks).eval(), args, str(path), dynamo=False, opset_version=opset,
-                input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
-                do_constant_folding=True,
-            )
+            try:
+                torch.onnx.export(
+                    _TupleOutputs(model, tasks).eval(), args, str(path), dynamo=False, opset_version=opset,
+                    input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+                    do_constant_folding=True,
+                )
+            except DisparseError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the exporter's own errors, named as ours
+                raise ExportError(f"torch.onnx.export could not write {type(model).__name__} to '{path}' "
+                                  f"(opset {opset}): {type(exc).__name__}: {_first_line(exc)}") from exc
         batch_sizes = [args[0].shape[0]]
         if dynamic_batch:
             batch_sizes.append(args[0].shape[0] * 2)
         diffs, scales = verify_onnx(model, path, args, tasks, batch_sizes=batch_sizes, rtol=rtol)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-        model.train(was_training)
+        for m, training in modes:  # each submodule's own flag (a frozen BatchNorm stays in eval)
+            m.training = training
     report = ExportReport(path=path, size_bytes=path.stat().st_size, outputs=tuple(output_names),
                           max_abs_diff=diffs, scale=scales, batch_sizes=tuple(batch_sizes), opset=opset)
     log.info("exported %s (%.1f KiB), onnxruntime parity %s", path, report.size_bytes / 1024,
@@ -115,19 +137,39 @@ def export_onnx(
 
 def verify_onnx(model: nn.Module, path, args: Tuple[torch.Tensor, ...], tasks: Sequence[Hashable], *,
                 batch_sizes: Sequence[int], rtol: float) -> Tuple[Dict[str, float], Dict[str, float]]:
-    """Run the ONNX file in onnxruntime and compare with ``model`` for each batch size."""
+    """Run the ONNX file in onnxruntime and compare with ``model`` for each batch size.
+
+    ``model`` is run as it is (export_onnx puts it in eval mode first). Raises
+    :class:`ExportMismatchError` when onnxruntime rejects a batch size or an output
+    differs; :class:`ExportError` when onnxruntime cannot load the file.
+    """
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors reach the caller as exceptions, not as log lines on stderr
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's exception types are not ours
+        raise ExportError(f"onnxruntime cannot load '{path}': {type(exc).__name__}: {_first_line(exc)}") from exc
     input_names = [i.name for i in session.get_inputs()]
     diffs: Dict[str, float] = {}
     scales: Dict[str, float] = {}
     for bs in batch_sizes:
         batch = tuple(_resize_batch(a, bs) for a in args)
         with torch.no_grad():
-            want = _as_list(model(*batch), tasks)
-        got = session.run(None, {n: a.detach().cpu().float().numpy() if a.is_floating_point() else a.cpu().numpy()
-                                 for n, a in zip(input_names, batch)})
+            want = _as_list(_run_model(model, batch, f"at batch size {bs}"), tasks)
+        try:
+            got = session.run(None, {n: a.detach().cpu().float().numpy() if a.is_floating_point()
+                                     else a.cpu().numpy() for n, a in zip(input_names, batch)})
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's exception types are not ours
+            example_bs = args[0].shape[0]
+            hint = ("" if bs == example_bs else
+                    f"; the file was exported at batch size {example_bs} and some size in it did not follow "
+                    f"the batch (a size read through .data, int(...) or a Python number becomes a constant): "
+                    f"compute it from the tensor's shape, or pass dynamic_batch=False to fix the batch size "
+                    f"at {example_bs}")
+            raise ExportMismatchError(f"onnxruntime rejects batch size {bs} for '{path}'{hint}. onnxruntime "
+                                      f"said: {type(exc).__name__}: {_first_line(exc)}") from exc
         for t, w, g in zip(tasks, want, got):
             name = onnx_output_name(t)
             w = w.detach().float().cpu().numpy()
@@ -167,12 +209,32 @@ def _task_names(model: nn.Module, args) -> Tuple[Hashable, ...]:
     if isinstance(model, fx.GraphModule):
         return tuple(task_output_nodes(model))
     with torch.no_grad():
-        out = model(*args)
+        out = _run_model(model, args, "")
     if isinstance(out, Mapping):
         return tuple(out)
     if isinstance(out, (tuple, list)):
         return tuple(range(len(out)))
     return (0,)
+
+
+def _run_model(model: nn.Module, args: Tuple[torch.Tensor, ...], when: str):
+    """model(*args); the model's own error re-raised as one that names example_inputs."""
+    try:
+        return model(*args)
+    except DisparseError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's model may raise anything
+        shapes = ", ".join(f"{tuple(a.shape)} {str(a.dtype).replace('torch.', '')}" for a in args)
+        raise DisparseValueError(
+            f"{type(model).__name__} raised {type(exc).__name__} on example_inputs ({shapes}){' ' + when if when else ''}"
+            f" in eval mode: {_first_line(exc)}. example_inputs must be the model's positional input(s), "
+            f"batch first" + ("; pass dynamic_batch=False if the model only runs at the example's batch size"
+                              if when else "")) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:500] if text else ""
 
 
 def _as_list(out, tasks):
