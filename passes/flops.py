@@ -43,7 +43,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .ownership import graph_to_networkx
 from .trace import task_output_nodes
 
-__all__ = ["FlopCount", "count_flops"]
+__all__ = ["FlopCount", "FlopTerm", "count_flops", "flop_terms", "shape_propagated"]
 
 _CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
 _CONVT_FUNCS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
@@ -64,9 +64,7 @@ class FlopCount:
 
 def count_flops(gm: fx.GraphModule, example_inputs: Tuple[torch.Tensor, ...]) -> FlopCount:
     """Propagate shapes on a copy of ``gm`` (never edited) and count FLOPs per sample."""
-    work = copy.deepcopy(gm).eval()
-    with torch.no_grad():
-        ShapeProp(work).propagate(*example_inputs)
+    work = shape_propagated(gm, example_inputs)
     batch = example_inputs[0].shape[0] if example_inputs and example_inputs[0].dim() else 1
     per_node: Dict[str, int] = {}
     effective: Dict[str, float] = {}
@@ -85,6 +83,15 @@ def count_flops(gm: fx.GraphModule, example_inputs: Tuple[torch.Tensor, ...]) ->
                      effective_per_task=eff_task, effective_total=int(round(sum(effective.values()))))
 
 
+def shape_propagated(gm: fx.GraphModule, example_inputs: Tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    """A copy of ``gm`` in eval mode whose nodes carry ``meta["tensor_meta"]`` for
+    ``example_inputs`` (``gm`` itself is never edited)."""
+    work = copy.deepcopy(gm).eval()
+    with torch.no_grad():
+        ShapeProp(work).propagate(*example_inputs)
+    return work
+
+
 def _numel(node) -> int:
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return math.prod(meta.shape) if meta is not None and hasattr(meta, "shape") else 0
@@ -95,48 +102,80 @@ def _shape(node):
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _node_flops(gm: fx.GraphModule, node: fx.Node) -> Tuple[int, Optional[fx.Node]]:
-    """(FLOPs of the whole batch, the node holding the weight or None)."""
+@dataclass(frozen=True)
+class FlopTerm:
+    """``flops`` (whole batch) that scale with the kept fraction of every ``factor``.
+
+    A factor names channels of the graph: ``("tensor", node)`` every channel dim of the
+    node's output (its first output for tuples), ``("reads", node)`` every dim the node
+    sums over (the contractions the channel analysis records for it: a dense conv's
+    input channels, not a depthwise conv's), ``("internal", node, key)`` channels inside
+    one op (attention heads or head dims). :mod:`passes.channel_costs` resolves them to
+    channel ids, so the FLOPs of any slimmed model are ``sum(flops * prod(kept
+    fractions))`` (exact for products of independent widths).
+    """
+
+    flops: int
+    factors: Tuple[Tuple[str, ...], ...] = ()
+
+
+def flop_terms(gm: fx.GraphModule, node: fx.Node) -> Tuple[Tuple[FlopTerm, ...], Optional[fx.Node]]:
+    """(the node's FLOP terms for the whole batch, the node holding its weight or None);
+    shapes are read from ``node.meta["tensor_meta"]`` (ShapeProp)."""
+    out, reads = ("tensor", node.name), ("reads", node.name)
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         if hasattr(m, "num_heads") and hasattr(m, "out_proj"):  # torch's or our MultiheadAttention
-            return _mha_flops(m, node), None
+            return _mha_terms(m, node), None
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            return 2 * _numel(node) * (m.in_channels // m.groups) * math.prod(m.kernel_size), None
+            return (FlopTerm(2 * _numel(node) * (m.in_channels // m.groups) * math.prod(m.kernel_size),
+                             (out, reads)),), None
         if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
             inp = node.args[0]
-            return 2 * _numel(inp) * (m.out_channels // m.groups) * math.prod(m.kernel_size), None
+            return (FlopTerm(2 * _numel(inp) * (m.out_channels // m.groups) * math.prod(m.kernel_size),
+                             (out, reads)),), None
         if isinstance(m, nn.Linear):
-            return 2 * _numel(node) * m.in_features, None
-        return 0, None
+            return (FlopTerm(2 * _numel(node) * m.in_features, (out, reads)),), None
+        return (), None
     if node.op != "call_function":
-        return 0, None
+        return (), None
     if node.target in _CONV_FUNCS:
         w = node.args[1]
         ws = _shape(w)
-        return (2 * _numel(node) * math.prod(ws[1:]), w) if ws else (0, None)
+        return ((FlopTerm(2 * _numel(node) * math.prod(ws[1:]), (out, reads)),), w) if ws else ((), None)
     if node.target in _CONVT_FUNCS:
         w = node.args[1]
         ws = _shape(w)
-        return (2 * _numel(node.args[0]) * math.prod(ws[1:]), w) if ws else (0, None)
+        return ((FlopTerm(2 * _numel(node.args[0]) * math.prod(ws[1:]), (out, reads)),), w) if ws else ((), None)
     if node.target is F.linear:
         w = node.args[1]
         ws = _shape(w)
-        return (2 * _numel(node) * ws[-1], w) if ws else (0, None)
+        return ((FlopTerm(2 * _numel(node) * ws[-1], (out, reads)),), w) if ws else ((), None)
     if node.target in _MATMUL_FUNCS:
         a = _shape(node.args[0])
-        return (2 * _numel(node) * a[-1], None) if a else (0, None)
+        return ((FlopTerm(2 * _numel(node) * a[-1], (out, reads)),), None) if a else ((), None)
     if node.target is F.scaled_dot_product_attention:
         q, k, v = (_shape(a) for a in node.args[:3])
         if not (q and k and v):
-            return 0, None
+            return (), None
         pairs = math.prod(q[:-1]) * k[-2]  # batch x heads x Lq x Lk
-        return 2 * pairs * (q[-1] + v[-1]), None
+        q_node = node.args[0]
+        return (FlopTerm(2 * pairs * q[-1], (("tensor", q_node.name),)),  # q k^T: heads x qk dims
+                FlopTerm(2 * pairs * v[-1], (out,))), None                   # attention x v: heads x v dims
     if node.target in _EINSUM_FUNCS:
-        return _einsum_flops(node), None
+        f = _einsum_flops(node)
+        return ((FlopTerm(f, (out, reads)),) if f else ()), None
     if getattr(node.target, "__name__", "") == "shifted_window_attention":
-        return _window_attention_flops(node), None
-    return 0, None
+        # not resolved to channels (fixed in budgets; see passes.channel_costs)
+        f = _window_attention_flops(node)
+        return ((FlopTerm(f),) if f else ()), None
+    return (), None
+
+
+def _node_flops(gm: fx.GraphModule, node: fx.Node) -> Tuple[int, Optional[fx.Node]]:
+    """(FLOPs of the whole batch, the node holding the weight or None)."""
+    terms, weight = flop_terms(gm, node)
+    return sum(t.flops for t in terms), weight
 
 
 _EINSUM_FUNCS = {torch.einsum, getattr(torch.functional, "einsum", torch.einsum)}
@@ -155,11 +194,14 @@ def _einsum_flops(node: fx.Node) -> int:
     return 2 * math.prod(sizes.values())
 
 
-def _mha_flops(m: nn.Module, node: fx.Node) -> int:
-    """Projections (q, k, v, out) plus q k^T and attention x v, for the whole batch."""
-    q, k = _shape(node.args[0]), _shape(node.args[1] if len(node.args) > 1 else node.kwargs.get("key"))
+def _mha_terms(m: nn.Module, node: fx.Node) -> Tuple[FlopTerm, ...]:
+    """Projections (q, k, v, out) plus q k^T and attention x v, for the whole batch; the
+    heads (or the q/k and v head dims) are the module's internal channels."""
+    query = node.args[0]
+    key = node.args[1] if len(node.args) > 1 else node.kwargs.get("key")
+    q, k = _shape(query), _shape(key)
     if not (q and k):
-        return 0
+        return ()
     heads = m.num_heads
     dqk = getattr(m, "head_dim", m.embed_dim // heads)
     dv = getattr(m, "v_head_dim", dqk)
@@ -167,9 +209,17 @@ def _mha_flops(m: nn.Module, node: fx.Node) -> int:
     lq = math.prod(q[:-1])  # every query token of the batch
     lk = math.prod(k[:-1])
     per_query_keys = k[0] if (len(k) == 3 and not m.batch_first) or len(k) == 2 else k[1]
-    proj = lq * q[-1] * heads * dqk + lk * k[-1] * heads * (dqk + dv) + lq * heads * dv * out_dim
-    attention = lq * per_query_keys * heads * (dqk + dv)
-    return 2 * (proj + attention)
+    h = ("internal", node.name, "heads")
+    qk, v = (h, ("internal", node.name, "qk_dims")), (h, ("internal", node.name, "v_dims"))
+    q_in, k_in = ("tensor", query.name), ("tensor", key.name)
+    return (
+        FlopTerm(2 * lq * q[-1] * heads * dqk, (q_in,) + qk),
+        FlopTerm(2 * lk * k[-1] * heads * dqk, (k_in,) + qk),
+        FlopTerm(2 * lk * k[-1] * heads * dv, (k_in,) + v),
+        FlopTerm(2 * lq * heads * dv * out_dim, v + (("tensor", node.name),)),
+        FlopTerm(2 * lq * per_query_keys * heads * dqk, qk),
+        FlopTerm(2 * lq * per_query_keys * heads * dv, v),
+    )
 
 
 def _window_attention_flops(node: fx.Node) -> int:
