@@ -33,9 +33,16 @@ the same ``requires_grad`` flags, train/eval modes and tied weights.
 
 Not saved: ``CompressConfig.filter_fn`` (a callable; saved as None, with a logged
 warning), forward/backward hooks (saving a module with hooks raises), node metadata
-other than plain data (``stack_trace``, the channel-mask tag, and ``nn_module_stack``
-whose classes are saved as their qualified names, e.g.
-``("layer1.0", "torch.nn.modules.container.Sequential")``).
+other than plain data (the channel-mask tag; ``nn_module_stack`` classes are saved as
+their qualified names, e.g. ``("layer1.0", "torch.nn.modules.container.Sequential")``).
+
+No absolute path of the saving machine: a node's ``stack_trace`` is cut to the one
+frame error messages quote (the user's source line), and every file name in the saved
+text - that frame, and source lines quoted in the plan's reasons - is written relative
+to the current folder (the user's project) or to its ``sys.path`` entry
+(``timm/models/convnext.py``); a file elsewhere keeps its base name only, and any other
+mention of the current folder, the Python installation or the home folder is made
+relative (``~/`` for home).
 
 >>> import torch, torch.nn as nn, tempfile, os
 >>> from passes.trace import trace_model
@@ -67,6 +74,8 @@ import math
 import operator
 import os
 import pathlib
+import re
+import sys
 import types
 import zipfile
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type, Union
@@ -74,6 +83,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type, Un
 import torch
 import torch.fx as fx
 import torch.nn as nn
+
+from passes.errors import user_frame
 
 from .errors import DisparseError, DisparseValueError
 
@@ -499,6 +510,12 @@ def _encode_meta(n: fx.Node) -> Dict[str, Any]:
     plain = _Encoder()
     out = {}
     for k, v in n.meta.items():
+        if k == "stack_trace":  # the whole stack names the machine's folders: keep the user's frame
+            frame = user_frame(n)
+            if frame is None:
+                continue
+            path, line, func, code = frame
+            v = f'File "{_portable_path(path)}", line {line}, in {func}\n    {code.strip()}'
         if k == "nn_module_stack" and isinstance(v, Mapping):
             v = collections.OrderedDict(
                 (key, (val[0], val[1] if isinstance(val[1], str) else _qualname(val[1])))
@@ -508,6 +525,54 @@ def _encode_meta(n: fx.Node) -> Dict[str, Any]:
         except UnserializableError:
             continue
     return out
+
+
+def _machine_folders() -> List[Tuple[str, str]]:
+    """(absolute folder, what replaces it) for the folders a saved file must not name:
+    the current folder and sys.path entries (made relative), the Python installation
+    and the home folder; deepest first."""
+    folders = {}
+    for f in (sys.prefix, sys.base_prefix, sys.exec_prefix):
+        folders[f] = ""
+    home = os.path.expanduser("~")
+    if home and home != "~":
+        folders[home] = "~" + os.sep
+    for f in [p for p in sys.path if p] + [os.getcwd()]:
+        folders[os.path.abspath(f)] = ""
+    return sorted(((f.rstrip(os.sep), r) for f, r in folders.items() if len(f.rstrip(os.sep)) > 1),
+                  key=lambda fr: len(fr[0]), reverse=True)
+
+
+def _portable_path(path: str, folders: Optional[List[Tuple[str, str]]] = None) -> str:
+    """``path`` relative to the deepest of the current folder and the sys.path entries
+    holding it (``tests/zoo.py``, ``timm/models/convnext.py``); else its base name."""
+    if not os.path.isabs(path):
+        return path
+    for folder, repl in folders if folders is not None else _machine_folders():
+        if not repl and path.startswith(folder + os.sep):
+            return path[len(folder) + 1:]
+    return os.path.basename(path)
+
+
+_QUOTED_FILE = re.compile(r'File "([^"]+)"')
+
+
+def _portable(obj: Any, folders: Optional[List[Tuple[str, str]]] = None) -> Any:
+    """A JSON tree with every string made free of the saving machine's absolute folders
+    (quoted source files as :func:`_portable_path`, other mentions as relative)."""
+    folders = _machine_folders() if folders is None else folders
+    if isinstance(obj, str):
+        if os.sep not in obj:
+            return obj
+        obj = _QUOTED_FILE.sub(lambda m: f'File "{_portable_path(m.group(1), folders)}"', obj)
+        for folder, repl in folders:
+            obj = obj.replace(folder + os.sep, repl)
+        return obj
+    if isinstance(obj, list):
+        return [_portable(v, folders) for v in obj]
+    if isinstance(obj, dict):
+        return {_portable(k, folders): _portable(v, folders) for k, v in obj.items()}
+    return obj
 
 
 def _target_str(n: fx.Node) -> str:
@@ -809,7 +874,7 @@ def load(path: PathLike, *, map_location: Any = None):
 
 
 def _json(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return json.dumps(_portable(obj), separators=(",", ":")).encode()
 
 
 def _read(zf: zipfile.ZipFile, name: str, path: pathlib.Path) -> bytes:

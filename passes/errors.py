@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 import re
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch.fx as fx
 
@@ -20,6 +20,7 @@ __all__ = [
     "PostconditionError",
     "describe_node",
     "user_source_line",
+    "user_frame",
 ]
 
 
@@ -69,8 +70,9 @@ def _is_tracer_file(path: str) -> bool:
 _TRACE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trace.py")
 
 
-def user_source_line(node: fx.Node) -> str:
-    """The innermost frame of the node's recorded stack trace outside torch itself.
+def user_frame(node: fx.Node) -> Optional[Tuple[str, str, str, str]]:
+    """(file, line, function, code) of the innermost frame of the node's recorded stack
+    trace outside torch itself, or None.
 
     fx records the whole Python stack at trace time, ending in its own frames; the
     user's line is the last one that is not in torch (nor in this library's tracer).
@@ -78,7 +80,13 @@ def user_source_line(node: fx.Node) -> str:
     trace = node.meta.get("stack_trace") or ""
     frames = [f for f in _FRAME.findall(trace)
               if "/torch/" not in f[0].replace("\\", "/") and not _is_tracer_file(f[0])]
-    if not frames:
+    return frames[-1] if frames else None
+
+
+def user_source_line(node: fx.Node) -> str:
+    """The user's source line of a node (see :func:`user_frame`), for error messages."""
+    frame = user_frame(node)
+    if frame is None:
         return ""
-    path, line, func, code = frames[-1]
+    path, line, func, code = frame
     return f'File "{path}", line {line}, in {func}: {code.strip()}'

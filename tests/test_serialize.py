@@ -299,3 +299,31 @@ def test_transformer_channel_result_round_trips(tmp_path):
     with torch.no_grad():
         want, got = dfx.slim(result).eval()(x), dfx.slim(back).eval()(x)
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_saved_file_names_no_absolute_path_of_this_machine(tmp_path):
+    """Stack traces and the plan's quoted source lines keep the user's file relative to
+    the project; nothing in the file names this machine's folders."""
+    import os
+    import sys
+
+    from passes.errors import describe_node
+
+    result = _compress(ZOO[0], "channel")
+    reasons = [g.reason for g in result.plan.channels.groups.groups if not g.removable]
+    assert any(os.getcwd() in r for r in reasons)  # the in-memory plan quotes absolute source lines
+    path = tmp_path / "r.dfx"
+    save(result, path)
+    save(dfx.slim(result), tmp_path / "s.dfx")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    private = {os.getcwd(), sys.prefix, sys.base_prefix, os.path.expanduser("~"), here, str(tmp_path)}
+    for file in (path, tmp_path / "s.dfx"):
+        with zipfile.ZipFile(file) as zf:
+            for name in zf.namelist():
+                text = zf.read(name)
+                for folder in private:
+                    assert folder.encode() not in text, (file.name, name, folder)
+    back = load(path)
+    assert any('File "tests/zoo.py", line' in g.reason for g in back.plan.channels.groups.groups if not g.removable)
+    lines = [describe_node(n, back.model) for n in back.model.graph.nodes if n.op == "call_module"]
+    assert lines and all('at File "tests/zoo.py", line' in line for line in lines)  # errors still quote the source
