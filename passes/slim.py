@@ -6,9 +6,11 @@ blocks after a flatten, ...), lets each op's rule fix its module attributes and 
 arguments (``in_channels``, ``groups`` of depthwise convs, ``num_groups`` of group
 norms, ``view`` sizes, ``split`` sizes, slice bounds), folds channel-mask nodes away and
 removes dead code. It then checks, in code, that no mask node is left, that the graph
-lints, and that in eval mode (float32) every output of the slim model matches the
-masked model (:func:`passes.insert_channel_masks.insert_channel_masks`) on random
-inputs within ``1e-4`` of the output's scale. Parameters keep their device and dtype.
+lints, and that in eval mode every output of the slim model matches the masked model
+(:func:`passes.insert_channel_masks.insert_channel_masks`) on random inputs within
+``1e-4`` of the output's scale - on the models' device, with TF32 off, in float32 (or
+float64 copies for bfloat16 / float16 weights: :func:`check_parity`), so it measures
+the rewrite and not the kernels' precision. Parameters keep their device and dtype.
 
 >>> import torch, torch.nn as nn
 >>> from passes.channel_groups import find_channel_groups
@@ -46,7 +48,8 @@ from .insert_channel_masks import (MASK_MODULE, fold_channel_masks, is_channel_m
                                    mask_plan, masked_view)
 from .rules import describe, lookup_channel_rule
 
-__all__ = ["slim_channels", "slim", "channels_emptied_by", "SlimContext", "check_parity"]
+__all__ = ["slim_channels", "slim", "channels_emptied_by", "SlimContext", "check_parity", "full_precision",
+           "parity_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +145,16 @@ def slim_channels(gm: fx.GraphModule, groups: ChannelGroups, keep: Mapping[int, 
         groups: :func:`passes.channel_groups.find_channel_groups` of ``gm``.
         keep: ``{group_id: bool tensor}`` (True = kept); groups left out keep everything.
         check: run the postconditions (no mask node, ``graph.lint()``, parity with the
-            masked model in eval mode, float32, within ``tolerance`` x output scale).
+            masked model in eval mode within ``tolerance`` x output scale, computed as
+            :func:`check_parity` says: TF32 off, float32 or float64 copies).
+        tolerance: a number in (0, 1): the largest relative difference the parity check
+            accepts.
 
     Raises :class:`DisparseValueError` for a bad ``keep``, :class:`PostconditionError`
     (naming this pass) if a postcondition fails.
     """
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+        raise DisparseValueError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
     flat = groups.keep_vector(keep)
     had_masks = any(is_channel_mask(n) or is_masked_norm(n) for n in gm.graph.nodes)
     if had_masks:
@@ -291,26 +299,124 @@ def _eval_mode(*modules: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def random_inputs(groups: ChannelGroups, device: torch.device, seed: int = 0) -> Tuple[Any, ...]:
-    """Random inputs shaped like the example inputs ``groups`` was found with (float32)."""
+def _precision_knobs() -> List[Tuple[Any, Any]]:
+    """``(parent, leaf)`` pairs of the per-backend, per-op ``fp32_precision`` settings of
+    torch >= 2.9 (none before): a leaf set to ``"none"`` inherits its parent's value (the
+    backend's, then the generic one), and reading it reports the inherited value."""
+    b = torch.backends
+    if not hasattr(b, "fp32_precision"):
+        return []
+    pairs = [(b.cudnn, getattr(b.cuda, "matmul", None))]
+    for backend in (b.cudnn, b.mkldnn):
+        pairs += [(backend, getattr(backend, op, None)) for op in ("matmul", "conv", "rnn")]
+    return [(parent, leaf) for parent, leaf in pairs if leaf is not None and hasattr(leaf, "fp32_precision")]
+
+
+def _read(getter: Any) -> Any:
+    """A legacy precision flag, or None where torch refuses to read it (it raises when the
+    legacy and the torch >= 2.9 settings were mixed)."""
+    try:
+        return getter()
+    except RuntimeError:
+        return None
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """float32 matmuls and convolutions in full IEEE precision inside the block (TF32 off on
+    cuBLAS and cuDNN, no bf16/TF32 in oneDNN), every setting restored afterwards whatever
+    happens. PyTorch runs cuDNN convolutions in TF32 by default on Ampere and later GPUs:
+    a relative error near 1e-3 that has nothing to do with what a graph rewrite changed.
+
+    The legacy flags (``torch.backends.cuda.matmul.allow_tf32``,
+    ``torch.backends.cudnn.allow_tf32``, ``torch.set_float32_matmul_precision``) and, on
+    torch >= 2.9, every per-op ``fp32_precision`` are set together, so torch never sees
+    the two APIs disagree (it raises when they do). A per-op setting that inherited its
+    backend's value before the block inherits it again afterwards.
+
+    >>> before = torch.backends.cudnn.allow_tf32
+    >>> with full_precision():
+    ...     torch.backends.cudnn.allow_tf32
+    False
+    >>> torch.backends.cudnn.allow_tf32 == before
+    True
+    """
+    knobs = _precision_knobs()
+    saved_new = [(parent.fp32_precision, leaf.fp32_precision) for parent, leaf in knobs]
+    saved_matmul = _read(torch.get_float32_matmul_precision)
+    saved_cudnn = _read(lambda: torch.backends.cudnn.allow_tf32)
+    try:
+        if saved_matmul is not None:
+            torch.set_float32_matmul_precision("highest")  # also sets cuBLAS' legacy allow_tf32
+        if saved_cudnn is not None:
+            torch.backends.cudnn.allow_tf32 = False
+        for _, leaf in knobs:
+            leaf.fp32_precision = "ieee"
+        yield
+    finally:
+        if saved_matmul is not None:
+            torch.set_float32_matmul_precision(saved_matmul)
+        if saved_cudnn is not None:
+            torch.backends.cudnn.allow_tf32 = saved_cudnn
+        for (_, leaf), (parent_value, value) in zip(knobs, saved_new):
+            leaf.fp32_precision = "none" if value == parent_value else value
+
+
+def parity_dtype(*models: nn.Module) -> torch.dtype:
+    """The dtype :func:`check_parity` computes in: float32 when every floating parameter
+    and buffer is float32, else float64 (bfloat16 / float16 weights are compared in
+    float64 copies: their own rounding, ~1e-2, would swamp any tolerance that still
+    catches a wrong rewrite)."""
+    dtypes = {t.dtype for m in models for t in _tensors(m)
+              if t.is_floating_point()}
+    return torch.float32 if dtypes <= {torch.float32} else torch.float64
+
+
+def _in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` itself when every floating tensor already has ``dtype``, else a converted
+    deep copy (on the same device): the check never edits the models it compares."""
+    if all(t.dtype == dtype for t in _tensors(model) if t.is_floating_point()):
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
+def _tensors(model: nn.Module) -> List[torch.Tensor]:
+    return list(model.parameters()) + list(model.buffers())
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    ref = next(iter(_tensors(model)), None)
+    return ref.device if ref is not None else torch.device("cpu")
+
+
+def random_inputs(groups: ChannelGroups, device: torch.device, seed: int = 0,
+                  dtype: Optional[torch.dtype] = None) -> Tuple[Any, ...]:
+    """Random inputs shaped like the example inputs ``groups`` was found with, on ``device``:
+    floating ones standard normal in ``dtype`` (default float32; drawn in float32 on the
+    CPU, so every device and dtype sees the same values), others zeros of their dtype."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for spec in groups.input_specs:
         if spec[0] == "tensor":
-            _, shape, dtype = spec
-            if dtype.is_floating_point or dtype.is_complex:
-                out.append(torch.randn(shape, generator=gen).to(device))
+            _, shape, spec_dtype = spec
+            if spec_dtype.is_floating_point or spec_dtype.is_complex:
+                out.append(torch.randn(shape, generator=gen).to(device=device, dtype=dtype or torch.float32))
             else:
-                out.append(torch.zeros(shape, dtype=dtype, device=device))
+                out.append(torch.zeros(shape, dtype=spec_dtype, device=device))
         else:
             out.append(spec[1])
     return tuple(out)
 
 
 def _seeded(model: nn.Module, inputs: Tuple[Any, ...], device: torch.device, seed: int) -> Any:
-    """``model(*inputs)`` with the global RNG (CPU, and ``device`` if CUDA) forked and seeded."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    """``model(*inputs)`` with the global RNG (CPU, and ``device``'s if an accelerator)
+    forked and seeded."""
+    if device.type == "cpu":
+        fork = torch.random.fork_rng(devices=[])
+    else:
+        index = device.index if device.index is not None else getattr(torch, device.type).current_device()
+        fork = torch.random.fork_rng(devices=[index], device_type=device.type)
+    with fork:
         torch.manual_seed(seed)
         return model(*inputs)
 
@@ -328,17 +434,21 @@ def _leaves(obj: Any, path: str = "") -> Iterator[Tuple[str, Any]]:
 
 def check_parity(reference: fx.GraphModule, slim_gm: fx.GraphModule, groups: ChannelGroups, *,
                  tolerance: float = 1e-4, what: str = PASS_NAME, seed: int = 0) -> float:
-    """Raise :class:`PostconditionError` unless ``slim_gm`` matches ``reference`` in eval mode,
-    float32, on random inputs (every output within ``tolerance`` x its scale). Returns the
-    worst relative difference."""
-    ref = next(iter(list(reference.parameters()) + list(reference.buffers())), None)
-    device = ref.device if ref is not None else torch.device("cpu")
-    floats = [t for t in list(reference.parameters()) + list(reference.buffers()) if t.is_floating_point()]
-    if any(t.dtype != torch.float32 for t in floats):
-        reference = copy.deepcopy(reference).float()
-        slim_gm = copy.deepcopy(slim_gm).float()
-    inputs = random_inputs(groups, device, seed)
-    with _eval_mode(reference, slim_gm), torch.no_grad():
+    """Raise :class:`PostconditionError` unless ``slim_gm`` matches ``reference`` in eval mode
+    on random inputs: every output within ``tolerance`` x its scale. Returns the worst
+    relative difference.
+
+    The check measures the rewrite, not the kernels' precision: both models run on the
+    device they live on, under :func:`full_precision` (no TF32), in
+    :func:`parity_dtype` - float32 models as they are, bfloat16 / float16 (or mixed)
+    models as float64 copies. The models themselves are never modified (their train /
+    eval flags are restored).
+    """
+    device = _device_of(reference)
+    dtype = parity_dtype(reference, slim_gm)
+    reference, slim_gm = _in_dtype(reference, dtype), _in_dtype(slim_gm, dtype)
+    inputs = random_inputs(groups, device, seed, dtype)
+    with full_precision(), _eval_mode(reference, slim_gm), torch.no_grad():
         # same random stream for both: a graph traced in train mode keeps random ops
         # (stochastic depth with training=True baked in) even in eval mode
         expected = _seeded(reference, inputs, device, seed)
@@ -357,18 +467,19 @@ def check_parity(reference: fx.GraphModule, slim_gm: fx.GraphModule, groups: Cha
             if not torch.equal(e, g):
                 raise PostconditionError(f"{what}: output {path} differs (non-float)")
             continue
-        e32, g32 = e.float(), g.float()
-        nan_e, nan_g = torch.isnan(e32), torch.isnan(g32)
+        e64, g64 = e.detach().to("cpu", torch.float64), g.detach().to("cpu", torch.float64)
+        nan_e, nan_g = torch.isnan(e64), torch.isnan(g64)
         if not torch.equal(nan_e, nan_g):
             raise PostconditionError(f"{what}: output {path} has NaNs in one model only")
-        diff = (e32 - g32).abs().masked_fill(nan_e, 0)
-        scale = max(float(e32.masked_fill(nan_e, 0).abs().max()) if e32.numel() else 0.0, 1e-6)
+        diff = (e64 - g64).abs().masked_fill(nan_e, 0)
+        scale = max(float(e64.masked_fill(nan_e, 0).abs().max()) if e64.numel() else 0.0, 1e-6)
         rel = float(diff.max()) / scale if diff.numel() else 0.0
         worst = max(worst, rel)
         if rel > tolerance:
             raise PostconditionError(
                 f"{what}: output {path} of the slim model differs from the masked model by "
-                f"{float(diff.max()):.3g} (scale {scale:.3g}, relative {rel:.3g} > {tolerance})")
+                f"{float(diff.max()):.3g} (scale {scale:.3g}, relative {rel:.3g} > {tolerance}; compared in "
+                f"{str(dtype).replace('torch.', '')} on {device}, TF32 off)")
     return worst
 
 
