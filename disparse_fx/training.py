@@ -785,12 +785,18 @@ class ChannelDynamicSparsity(DynamicSparsity):
         args = args if isinstance(args, tuple) else (args,)
         with _forked_rng(device, self.seed + self.step_count):
             outputs = torch.func.functional_call(gm, tensors, args, strict=False)
-        losses = _losses(outputs, self.task_losses, batch, self.step_count)
+        # a task whose output no channel mask reaches (its layers lost no channel) has no
+        # gradient to give: zero scores, not a loss "without an autograd graph"
+        reached = [t for t in tasks if getattr(outputs[t], "requires_grad", True)]
+        losses = _losses(outputs, {t: self.task_losses[t] for t in reached}, batch, self.step_count)
         grads = []
-        for i, t in enumerate(tasks):
-            g = torch.autograd.grad(losses[t], [leaves[n] for n in names],
-                                    retain_graph=i < len(tasks) - 1, allow_unused=True)
+        for t in tasks:
             acc = torch.zeros(num, dtype=torch.float32, device=device)
+            if t not in losses:
+                grads.append(acc)
+                continue
+            g = torch.autograd.grad(losses[t], [leaves[n] for n in names],
+                                    retain_graph=t != reached[-1], allow_unused=True)
             for gi, (_, _, gids) in zip(g, self._buffers.values()):
                 if gi is not None:
                     acc.index_add_(0, gids.to(device), gi.detach().float().reshape(-1))
