@@ -1,9 +1,10 @@
 """The unanimous decision, with the requested sparsity hit exactly.
 
 Each ranking unit ``u`` (a task when disentangled, the summed loss otherwise) ranks the
-elements of its domain ``D_u`` by its normalised score (ties broken by a seeded random
-order, so every top-k has exactly k elements). Keeping the top ``r * |D_u|`` of every
-unit for one common keep ratio ``r`` (the paper's ``keep_ratio``) means:
+elements of its domain ``D_u`` by its normalised score, ties broken by a seeded hash of
+the element's flat index (a bijection of 32-bit integers, so the order is total and
+every top-k has exactly k elements). Keeping the top ``r * |D_u|`` of every unit for
+one common keep ratio ``r`` (the paper's ``keep_ratio``) means:
 
     unit u keeps element e  <=>  c_u(e) = (rank_u(e) + 1) / |D_u|  <=  r
 
@@ -12,12 +13,41 @@ only when every task agrees; a task-specific one follows its task):
 
     keep(e)  <=>  c(e) = min over owning u of c_u(e)  <=  r
 
-So the overall density is a step function of r that rises one element at a time, and
-the r that hits the target is found by bisection over the sorted values of c - no
-hand-tuned keep ratio. The per-layer floor ``min_layer_density`` is part of that
-search: a parameter keeps at least ``max(1, ceil(min_layer_density * numel))``
-elements, the extra ones being those with the smallest c, credited to the task that
-ranks them best (so ``masks == OR of task_masks`` still holds element by element).
+The per-layer floor ``min_layer_density``: a parameter keeps at least
+``floor_p = max(1, ceil(min_layer_density * numel))`` elements, the extra ones being
+those with the smallest c (ties by flat index), credited to the unit that ranks them
+best (so ``masks == OR of task_masks`` still holds element by element). The keep
+ratio is the smallest value of c with ``sum_p max(#{e in p: c(e) <= r}, floor_p) >=
+target``. Writing pos_p(e) for e's position in p's c-order, that sum is
+``F + #{e : c(e) <= r, pos_p(e) >= floor_p}`` (F = sum of floors), so r is simply the
+(target - F)-th smallest c among the elements past their layer's floor - a selection,
+no bisection.
+
+Algorithm and cost (N prunable elements, T units, k = target kept elements):
+
+1. r <= r_hi = k / max_u |D_u| (at r_hi the largest unit alone keeps k), so each unit
+   only needs the exact ranks of its top ``k_u(r_hi) <= k`` elements. Per unit: a
+   two-level radix select (histograms of the score's float32 bits, 15 + 16 bits, via
+   ``torch.bincount``) finds the k_u-th largest score, the hash picks among the
+   elements tied with it, and the k_u selected elements are sorted: O(N_u + k log k).
+2. The union of the T prefixes (at most T*k elements) is reduced to c(e) and the best
+   unit by ``torch.unique`` + ``scatter_reduce``, ordered by (parameter, c, index) with
+   two stable sorts, and r is one ``kthvalue``: O(T k log(T k)).
+3. Floors beyond the prefixes (a layer that no unit ranks high) take the exact ranks of
+   a few candidates (per owner, the layer's best not yet chosen), counted against the
+   unit's domain with ``searchsorted``: O(N_u log q), only when such a floor binds.
+
+Everything runs on the scores' device with float32 scores (float64 only for the
+T*k values of c, whose divisions must match ``(rank + 1) / |D_u|`` exactly) and a
+handful of host syncs per unit, none inside loops over parameters or search steps.
+Scores are normalised IN PLACE (each unit keeps one score tensor per parameter) and
+become ``Decision.task_scores``.
+
+Compared with the previous implementation (full argsort of every domain, randperm tie
+order, bisection with per-parameter sorts): the masks are identical wherever the scores
+have no ties; with ties the tied elements are chosen in a different (hash) order, the
+counts being the same. See the module's tests and the report of issue 13 for the
+measured differences.
 """
 from __future__ import annotations
 
@@ -57,61 +87,94 @@ def decide(
     task_domains: Mapping[Hashable, Sequence[str]],
     config: CompressConfig,
 ) -> Decision:
-    """Turn per-unit scores into per-task masks and the final mask at the target sparsity."""
-    offsets, total = {}, 0
-    for p in prunable:
-        offsets[p] = (total, total + math.prod(shapes[p]))
-        total = offsets[p][1]
-    device = next(iter(next(iter(scores.scores.values())).values())).device
+    """Turn per-unit scores into per-task masks and the final mask at the target sparsity.
 
-    # Per unit: normalised scores and the rank of each element in its domain. Memory
-    # is O(N) per unit at 4 bytes (int32 ranks); flat indices are rebuilt when needed.
-    ranks: Dict[Hashable, torch.Tensor] = {}
-    normalised: Dict[Hashable, Dict[str, torch.Tensor]] = {}
-    c = torch.full((total,), math.inf, dtype=torch.float64, device=device)
-    best_unit = torch.full((total,), -1, dtype=torch.int16, device=device)
+    The scores are normalised in place and returned as ``Decision.task_scores``.
+    """
+    numel = {p: math.prod(shapes[p]) for p in prunable}
+    starts: Dict[str, int] = {}
+    total = 0
+    for p in prunable:
+        starts[p], total = total, total + numel[p]
+    if total >= 1 << 32:
+        raise ValueError(f"the element decision supports fewer than 2**32 prunable elements, got {total}")
     units = list(scores.scores)
-
-    def domain_index(u) -> torch.Tensor:
-        return torch.cat([torch.arange(*offsets[p], device=device) for p in scores.domains[u]])
-
-    for ui, u in enumerate(units):
-        dom = scores.domains[u]
-        idx = domain_index(u)
-        s = torch.cat([scores.scores[u][p].reshape(-1).float() for p in dom])
-        s = s / s.sum().clamp_min(torch.finfo(torch.float32).tiny)
-        pieces = s.split([_n(offsets, p) for p in dom])
-        normalised[u] = {p: v.view(shapes[p]) for p, v in zip(dom, pieces)}
-        rank = _rank_descending(s, seed=config.seed + ui)
-        ranks[u] = rank.to(torch.int32)
-        cu = (rank + 1).double() / len(s)
-        better = cu < c[idx]
-        c[idx] = torch.where(better, cu, c[idx])
-        best_unit[idx] = torch.where(better, torch.full_like(best_unit[idx], ui), best_unit[idx])
-        del rank, cu, better, idx
-
-    floors = {p: layer_floor(_n(offsets, p), config.min_layer_density) for p in prunable}
+    domains = {u: tuple(scores.domains[u]) for u in units}
+    device = next(iter(next(iter(scores.scores.values())).values())).device
+    seen: set = set()
+    normalised = {u: _normalise_(scores.scores[u], domains[u], seen) for u in units}
+    sizes = {u: sum(numel[p] for p in domains[u]) for u in units}
+    floors = [layer_floor(numel[p], config.min_layer_density) for p in prunable]
     target_kept = max(round((1.0 - config.sparsity) * total), 1)
-    r = _search_ratio(c, offsets, floors, target_kept)
+    n_max = max(sizes.values())
+    r_hi = target_kept / n_max if target_kept <= n_max else 1.0  # the largest unit alone keeps enough
+    g_starts = torch.tensor([starts[p] for p in prunable], dtype=torch.int64, device=device)
 
-    keep = c <= r
-    floor_extra = torch.zeros(total, dtype=torch.bool, device=device)
-    for p in prunable:
-        lo, hi = offsets[p]
-        if int(keep[lo:hi].sum()) < floors[p]:
-            top = torch.argsort(c[lo:hi], stable=True)[: floors[p]] + lo
-            floor_extra[top] = ~keep[top]
-            keep[top] = True
+    # 1. Each unit's best-ranked elements (those with c_u <= r_hi), in rank order.
+    orders = [
+        _top_in_order(normalised[u], domains[u], starts, _count_le(r_hi, sizes[u]), config.seed + ui, device)
+        for ui, u in enumerate(units)
+    ]
 
-    masks = {p: keep[slice(*offsets[p])].view(shapes[p]).clone() for p in prunable}
+    # 2. Their union: c(e) = min_u c_u(e), the best unit (the first on ties), ordered by
+    #    (parameter, c, flat index); pos = position within the parameter.
+    c_all = torch.cat([torch.arange(1, len(o) + 1, dtype=torch.float64, device=device) / sizes[u]
+                       for o, u in zip(orders, units)])
+    ui_all = torch.cat([torch.full((len(o),), ui, dtype=torch.int64, device=device) for ui, o in enumerate(orders)])
+    uniq, inv = torch.unique(torch.cat(orders), return_inverse=True)
+    c = torch.full((len(uniq),), math.inf, dtype=torch.float64, device=device).scatter_reduce_(0, inv, c_all, "amin")
+    best = torch.full((len(uniq),), len(units), dtype=torch.int64, device=device).scatter_reduce_(
+        0, inv, torch.where(c_all == c[inv], ui_all, len(units)), "amin")
+    del c_all, ui_all, inv
+    pid = torch.searchsorted(g_starts, uniq, right=True) - 1
+    order = torch.argsort(c, stable=True)
+    order = order[torch.argsort(pid[order], stable=True)]
+    uniq, c, best, pid = uniq[order], c[order], best[order], pid[order]
+    del order
+    in_union = torch.bincount(pid, minlength=len(prunable))
+    pos = torch.arange(len(uniq), device=device) - (torch.cumsum(in_union, 0) - in_union)[pid]
+    floor_t = torch.tensor(floors, dtype=torch.int64, device=device)
+
+    # 3. r: the (target - F)-th smallest c past its layer's floor.
+    need = target_kept - sum(floors)
+    past_floor = c[pos >= floor_t[pid]]
+    if need <= 0:
+        r = float(c.min())
+    elif len(past_floor) >= need:
+        r = float(torch.kthvalue(past_floor, need).values)
+    else:  # only when some prunable parameter has no owner: keep everything, as c = inf there
+        r = math.inf
+    del past_floor
+
+    # 4. Floors: the parameter's next best elements by c, credited to their best unit.
+    kept = c <= r
+    extra = ~kept & (pos < torch.minimum(floor_t, in_union)[pid])
+    extra_idx, extra_best = [uniq[extra]], [best[extra]]
+    deep = [(p, floors[i] - n) for i, (p, n) in enumerate(zip(prunable, in_union.tolist())) if floors[i] > n]
+    if deep and math.isfinite(r):
+        idx, who = _deep_floor_extras(deep, uniq, pid, normalised, domains, starts, numel, sizes,
+                                      {p: i for i, p in enumerate(prunable)}, config.seed, device)
+        extra_idx.append(idx)
+        extra_best.append(who)
+    extra_idx, extra_best = torch.cat(extra_idx), torch.cat(extra_best)
+
+    flat = torch.zeros(total, dtype=torch.bool, device=device)
+    if math.isfinite(r):
+        flat[uniq[kept]] = True
+        flat[extra_idx] = True
+    else:
+        flat[:] = True
+    del uniq, c, pid, pos, kept, extra
+    masks = {p: flat[starts[p]:starts[p] + numel[p]].view(shapes[p]).clone() for p in prunable}
+    del flat
     task_masks: Dict[Hashable, Dict[str, torch.Tensor]] = {}
     if config.disentangle:
         for ui, u in enumerate(units):
-            rank = ranks[u]
             kept_u = torch.zeros(total, dtype=torch.bool, device=device)
-            kept_u[domain_index(u)] = ((rank.double() + 1) / len(rank)) <= r
-            kept_u |= floor_extra & (best_unit == ui)
-            task_masks[u] = {p: kept_u[slice(*offsets[p])].view(shapes[p]).clone() for p in scores.domains[u]}
+            kept_u[orders[ui][:_count_le(r, sizes[u])]] = True
+            kept_u[extra_idx[extra_best == ui]] = True
+            task_masks[u] = {p: kept_u[starts[p]:starts[p] + numel[p]].view(shapes[p]).clone() for p in domains[u]}
+            del kept_u
         task_scores = normalised
     else:  # one global decision: every task sees the final mask over its domain
         task_masks = {t: {p: masks[p] for p in dom} for t, dom in task_domains.items()}
@@ -120,36 +183,178 @@ def decide(
     return Decision(task_masks=task_masks, masks=masks, keep_ratio=float(r), task_scores=task_scores)
 
 
-def _n(offsets, p) -> int:
-    lo, hi = offsets[p]
-    return hi - lo
+def _normalise_(parts: Mapping[str, torch.Tensor], dom: Sequence[str], seen: set) -> Dict[str, torch.Tensor]:
+    """{p: float32 score / sum over the domain}, divided in place (a tensor met before is copied)."""
+    out = {}
+    for p in dom:
+        x = parts[p]
+        if x.dtype != torch.float32 or id(x) in seen:
+            x = x.float() if x.dtype != torch.float32 else x.clone()
+        seen.add(id(x))
+        out[p] = x
+    total = torch.stack([x.sum(dtype=torch.float64) for x in out.values()]).sum().float()
+    total = total.clamp_min(torch.finfo(torch.float32).tiny)
+    for x in out.values():
+        x.div_(total)
+    return out
+
+
+def _count_le(r: float, n: int) -> int:
+    """#{j in [0, n): (j + 1) / n <= r}, with the float64 division that defines c."""
+    if r >= 1.0:
+        return n
+    k = min(n, max(0, int(r * n)))
+    while k < n and (k + 1) / n <= r:
+        k += 1
+    while k > 0 and k / n > r:
+        k -= 1
+    return k
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _seed_word(seed: int) -> int:
+    """32 well-mixed bits of the seed (splitmix64's finaliser)."""
+    z = (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & _M32
+
+
+def _hash32(index: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded bijection of [0, 2**32) applied to int64 indices, on their device.
+
+    xor with a constant, xorshift and multiplication by an odd constant modulo 2**32 are
+    each bijective, so distinct indices below 2**32 get distinct hashes (a total order).
+    """
+    x = (index & _M32) ^ _seed_word(seed)
+    for _ in range(2):
+        x = x ^ (x >> 16)
+        x = (x * 0x45D9F3B) & _M32  # < 2**59: no int64 overflow
+    return x ^ (x >> 16)
+
+
+def _keys(s: torch.Tensor, flat_index: torch.Tensor, seed: int) -> torch.Tensor:
+    """int64 sort keys: the float32 score's bits (monotone for s >= 0), then the hash."""
+    return (s.reshape(-1).view(torch.int32).long() << 32) | _hash32(flat_index, seed)
+
+
+def _top_in_order(parts, dom, starts, k: int, seed: int, device) -> torch.Tensor:
+    """Flat indices of the unit's k best-ranked elements, best first."""
+    if k == 0:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    s = torch.cat([parts[p].reshape(-1) for p in dom])
+    bits = s.view(torch.int32)
+    sizes = [parts[p].numel() for p in dom]
+    d_starts = torch.tensor([0] + sizes[:-1], device=device).cumsum(0)
+    shift = torch.tensor([starts[p] for p in dom], device=device) - d_starts
+
+    def flat_index(pos):
+        return pos + shift[torch.searchsorted(d_starts, pos, right=True) - 1]
+
+    if k >= len(s):
+        chosen = torch.arange(len(s), device=device)
+    else:
+        v = _kth_largest(bits, k)
+        gt = (bits > v).nonzero().squeeze(1)
+        tie = (bits == v).nonzero().squeeze(1)
+        m = k - len(gt)
+        tie = tie[torch.topk(_hash32(flat_index(tie), seed), m).indices]
+        chosen = torch.cat([gt, tie])
+        del gt, tie
+    index = flat_index(chosen)
+    key = (bits[chosen].long() << 32) | _hash32(index, seed)
+    return index[torch.argsort(key, descending=True)]
+
+
+def _kth_largest(bits: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest of non-negative int32 values: a two-level radix select (15 + 16 bits)."""
+    high = bits >> 16
+    b1, above = _bucket_from_top(torch.bincount(high, minlength=1 << 15), torch.tensor([k], device=bits.device))
+    low = torch.where(high == b1, bits & 0xFFFF, 1 << 16)
+    del high
+    b2, _ = _bucket_from_top(torch.bincount(low, minlength=(1 << 16) + 1)[: 1 << 16], k - above)
+    return (b1 << 16) | b2
+
+
+def _bucket_from_top(hist: torch.Tensor, k: torch.Tensor):
+    """(the bucket holding the k-th largest value, #values in higher buckets), as tensors."""
+    from_top = hist.flip(0).cumsum(0)
+    j = torch.searchsorted(from_top, k)
+    b = len(hist) - 1 - j
+    return b, from_top[j] - hist[b]
+
+
+def _deep_floor_extras(deep, uniq, pid, normalised, domains, starts, numel, sizes, pid_of, seed, device):
+    """Floor elements of parameters whose floor exceeds what the units' prefixes hold.
+
+    For a parameter p needing d more elements: the d with the smallest c (ties by flat
+    index) among those outside the prefixes lie among each owner's d best of p (any
+    other element is beaten by d elements on its best unit), so only those candidates
+    get exact ranks: rank_u(e) = #{f in D_u : key_u(f) > key_u(e)}.
+    Returns (flat indices, best unit) of the extras.
+    """
+    units = list(domains)
+    owners_of = {p: [ui for ui, u in enumerate(units) if p in set(domains[u])] for p, _ in deep}
+    queries: Dict[int, list] = {}  # ui -> [(p, candidate flat indices)]
+    cands = {}
+    out_idx, out_best = [], []
+    for p, d in deep:
+        lo = starts[p]
+        local_taken = uniq[pid == pid_of[p]] - lo
+        owners = owners_of[p]
+        if not owners:  # no unit ranks p: c = inf everywhere, first elements by index
+            out_idx.append(torch.arange(lo, lo + d, device=device))
+            out_best.append(torch.full((d,), -1, dtype=torch.int64, device=device))
+            continue
+        index = torch.arange(lo, lo + numel[p], device=device)
+        picks = []
+        for ui in owners:
+            key = _keys(normalised[units[ui]][p], index, seed + ui)
+            key[local_taken] = -1
+            picks.append(torch.topk(key, d).indices)
+        cands[p] = torch.unique(torch.cat(picks)) + lo
+        for ui in owners:
+            queries.setdefault(ui, []).append(p)
+    ranks: Dict[tuple, torch.Tensor] = {}
+    for ui, ps in queries.items():
+        u = units[ui]
+        qkeys = torch.cat([_keys(normalised[u][p].reshape(-1)[cands[p] - starts[p]], cands[p], seed + ui) for p in ps])
+        sorted_q, where = torch.sort(qkeys)
+        counts = torch.zeros(len(qkeys) + 1, dtype=torch.int64, device=device)
+        for q in domains[u]:
+            keys = _keys(normalised[u][q], torch.arange(starts[q], starts[q] + numel[q], device=device), seed + ui)
+            counts += torch.bincount(torch.searchsorted(sorted_q, keys), minlength=len(qkeys) + 1)
+        rank_sorted = sizes[u] - torch.cumsum(counts, 0)[:-1]
+        rank = torch.empty_like(rank_sorted)
+        rank[where] = rank_sorted
+        for p, r in zip(ps, rank.split([len(cands[p]) for p in ps])):
+            ranks[(p, ui)] = r
+    for p, d in deep:
+        if p not in cands:
+            continue
+        c = torch.full((len(cands[p]),), math.inf, dtype=torch.float64, device=device)
+        who = torch.full((len(cands[p]),), -1, dtype=torch.int64, device=device)
+        for ui in owners_of[p]:
+            cu = (ranks[(p, ui)] + 1).double() / sizes[units[ui]]
+            better = cu < c
+            c = torch.where(better, cu, c)
+            who = torch.where(better, ui, who)
+        first = torch.argsort(c, stable=True)[:d]  # cands sorted by index: ties by index
+        out_idx.append(cands[p][first])
+        out_best.append(who[first])
+    return torch.cat(out_idx), torch.cat(out_best)
 
 
 def _rank_descending(s: torch.Tensor, seed: int) -> torch.Tensor:
-    """rank[i] = position of element i when sorted by decreasing score, ties in seeded order."""
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(s), generator=gen).to(s.device)
-    order = perm[torch.argsort(s[perm], descending=True, stable=True)]
+    """rank[i] = position of element i when sorted by decreasing score, ties in seeded order.
+
+    The tie order is that of a seeded hash of i (larger first), computed on s's device.
+    """
+    index = torch.arange(len(s), device=s.device)
+    by_hash = torch.argsort(_hash32(index, seed), descending=True)
+    order = by_hash[torch.argsort(s[by_hash], descending=True, stable=True)]
     rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(s), device=s.device)
+    rank[order] = index
     return rank
-
-
-def _search_ratio(c: torch.Tensor, offsets, floors, target_kept: int) -> float:
-    """Smallest r among the values of c with sum_p max(#{c_p <= r}, floor_p) >= target."""
-    sorted_c = torch.sort(c).values
-    per_param = {p: torch.sort(c[lo:hi]).values for p, (lo, hi) in offsets.items()}
-
-    def kept(r: torch.Tensor) -> int:
-        return sum(max(int(torch.searchsorted(v, r, right=True)), floors[p]) for p, v in per_param.items())
-
-    lo, hi = 0, len(sorted_c) - 1
-    if kept(sorted_c[hi]) < target_kept:  # cannot happen: r = max keeps everything
-        return float(sorted_c[hi])
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if kept(sorted_c[mid]) >= target_kept:
-            hi = mid
-        else:
-            lo = mid + 1
-    return float(sorted_c[lo])
