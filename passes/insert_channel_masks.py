@@ -115,7 +115,11 @@ def masked_layer_norm(x: torch.Tensor, keep: torch.Tensor, normalized_shape, wei
     """``layer_norm`` over the last dim with statistics over the kept channels only
     (``keep``: 0/1 per channel), so the kept channels get exactly what the slim model's
     narrower LayerNorm gives them. ``module``: the LayerNorm module this call replaces
-    (None for a functional ``layer_norm``), so the pass can be undone."""
+    (None for a functional ``layer_norm``), so the pass can be undone. Half and bfloat16
+    inputs are normalised in float32, as ``layer_norm`` does (a bfloat16 sum of more than
+    256 ones is not exact)."""
+    dtype = x.dtype
+    x, keep = _stats_precision(x), _stats_precision(keep)
     n = keep.sum()
     mean = (x * keep).sum(-1, keepdim=True) / n
     centred = (x - mean) * keep
@@ -125,17 +129,24 @@ def masked_layer_norm(x: torch.Tensor, keep: torch.Tensor, normalized_shape, wei
         y = y * weight
     if bias is not None:
         y = y + bias
-    return y
+    return y.to(dtype)
+
+
+def _stats_precision(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def masked_rms_norm(x: torch.Tensor, keep: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor] = None,
                     eps: Optional[float] = None, module: Optional[str] = None) -> torch.Tensor:
-    """``rms_norm`` over the last dim with the mean square over the kept channels only."""
+    """``rms_norm`` over the last dim with the mean square over the kept channels only
+    (in float32 for half and bfloat16 inputs, as ``rms_norm`` does)."""
+    dtype = x.dtype
     if eps is None:
-        eps = torch.finfo(x.dtype).eps
+        eps = torch.finfo(dtype).eps
+    x, keep = _stats_precision(x), _stats_precision(keep)
     ms = (x * x * keep).sum(-1, keepdim=True) / keep.sum()
     y = x * keep * torch.rsqrt(ms + eps)
-    return y * weight if weight is not None else y
+    return (y * weight if weight is not None else y).to(dtype)
 
 
 torch.fx.wrap("masked_layer_norm")

@@ -254,3 +254,22 @@ def test_export_onnx_of_a_reduced_precision_slim_model(dtype, tmp_path):
     config = dfx.CompressConfig(sparsity=0.5, granularity="channel", num_batches=2, progress=False)
     slim = dfx.slim(dfx.compress(entry.build().to(dtype), entry.task_losses, data, config))
     dfx.export_onnx(slim, data[0]["input"], tmp_path / "slim.onnx")
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_masked_layer_norm_counts_kept_channels_exactly_in_reduced_precision(dtype):
+    """601 kept channels of 768: a bfloat16 sum of the keep mask says 600; the masked
+    LayerNorm takes its statistics in float32, as layer_norm does, and matches it."""
+    from passes.insert_channel_masks import masked_layer_norm, masked_rms_norm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 768, generator=gen).to(dtype)
+    keep = torch.zeros(768)
+    keep[:601] = 1
+    w, b = (torch.rand(768, generator=gen) + 0.5).to(dtype), torch.randn(768, generator=gen).to(dtype)
+    got = masked_layer_norm(x, keep.to(dtype), (768,), w, b)
+    want = F.layer_norm(x[..., :601], (601,), w[:601], b[:601])
+    assert got.dtype == dtype and torch.equal(got[..., :601], want)
+    got = masked_rms_norm(x, keep.to(dtype), (768,), w)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got[..., :601], F.rms_norm(x[..., :601], (601,), w[:601]), atol=0, rtol=1e-2)
