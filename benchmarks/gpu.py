@@ -14,6 +14,12 @@ one H100-class GPU: once exceeded, the remaining items are skipped and listed.
     python benchmarks/gpu.py                      # on a CUDA machine: benchmarks/results/gpu.md
     python benchmarks/gpu.py --compile            # plus torch.compile
     python benchmarks/gpu.py --smoke --out /tmp/g.md   # tiny; falls back to the CPU when no GPU
+    python benchmarks/gpu.py --tests              # first `pytest -q -m cuda tests/test_cuda.py`
+
+``--tests`` runs the CUDA correctness tests (compress / slim / finetune / DynamicSparsity /
+export_onnx in fp32, bf16 and fp16, fused attention kernels) before the benchmark, within
+``--tests-timeout-s``; their summary line goes into the results header, and the exit
+status is pytest's. One prepared command for a GPU machine's short time budget.
 
 Without a GPU (and without --smoke or --device cpu) it prints that there is none and
 exits 0.
@@ -24,6 +30,7 @@ import argparse
 import datetime
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, List
@@ -194,6 +201,23 @@ def bench_cost(args, device, budget: Budget) -> str:
             + tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n")
 
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_cuda_tests(timeout_s: float):
+    """(pytest's exit status, its summary line) for ``pytest -q -m cuda tests/test_cuda.py``."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "tests/test_cuda.py"]
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        print(out, end="")
+        return 124, f"cuda tests: timed out after {timeout_s:.0f} s"
+    print(done.stdout + done.stderr, end="", flush=True)
+    lines = [ln for ln in done.stdout.splitlines() if ln.strip()]
+    return done.returncode, "cuda tests: " + (lines[-1].strip("= ") if lines else f"pytest exited {done.returncode}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
@@ -214,13 +238,24 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip what is left after this many seconds")
     ap.add_argument("--smoke", action="store_true", help="tiny configuration; falls back to the CPU")
     ap.add_argument("--out", type=pathlib.Path, default=None)
+    ap.add_argument("--tests", action="store_true", help="first run `pytest -q -m cuda tests/test_cuda.py`")
+    ap.add_argument("--tests-timeout-s", type=float, default=180.0)
     _common.add_threads_argument(ap)
     args = ap.parse_args(argv)
     _common.set_threads(args.threads)
     device, note = pick_device(args.device, args.smoke)
     if device is None:
-        print(f"benchmarks/gpu.py: {note}")
+        print(f"benchmarks/gpu.py: {note}" + (" (the cuda tests need one too)" if args.tests else ""))
         return 0
+    tests_rc, tests_line = 0, None
+    if args.tests:
+        if device.type != "cuda":
+            tests_line = "cuda tests: not run (no CUDA device)"
+        else:
+            t0 = time.perf_counter()
+            tests_rc, tests_line = run_cuda_tests(args.tests_timeout_s)
+            args.budget_s = max(args.budget_s - (time.perf_counter() - t0), 0.0)
+        print(f"benchmarks/gpu.py: {tests_line}", flush=True)
     if args.smoke:
         args.models, args.sparsities, args.round_to, args.batches, args.size = ["deeplab-tiny"], [0.5], [8], [1, 2], 32
         args.rounds, args.warmup, args.tasks, args.cost_model = 2, 1, [2], "tiny"
@@ -233,8 +268,10 @@ def main(argv=None):
              f"total time {time.perf_counter() - budget.t0:.0f} s (budget {args.budget_s:.0f} s)"]
     if budget.skipped:
         extra.append("skipped for time: " + ", ".join(budget.skipped))
+    if tests_line:
+        extra.append(tests_line)
     _common.write(out, _common.header("GPU: speed and cost on a CUDA device", extra, started=started) + body)
-    return 0
+    return tests_rc
 
 
 if __name__ == "__main__":
