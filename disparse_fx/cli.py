@@ -7,33 +7,59 @@ onnxruntime) and ``report RESULT`` (a markdown or HTML report folder). MODEL is
 ``package.module:factory``: the factory is called with no arguments and returns the
 nn.Module; ``--data package.module:factory`` returns ``(batches, task_losses)``.
 
-Exit codes: 0 success, 2 usage error, 1 failure (one line, no traceback unless --debug).
+Exit codes: 0 success, 2 usage error (an option argparse or ``CompressConfig`` rejects,
+e.g. ``--sparsity 90``), 1 failure (one line, no traceback unless --debug).
+
+MODEL and ``--data`` are imported as ``python -m`` would: the current folder comes first
+on ``sys.path`` while a command runs, so ``disparse-fx compress mymodels:net`` finds
+``./mymodels.py`` whichever way the command was started.
+
+Options that set a ``CompressConfig`` field (``--sparsity``, ``--criterion``...) take
+their defaults from ``CompressConfig`` itself, and ``--help`` shows every default. One
+entry in ``CONFIG_OPTIONS`` adds such an option to ``inspect`` and ``compress``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import importlib
 import logging
+import os
+import re
 import sys
-from typing import Any, List, Optional, TextIO, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 from .errors import DisparseError, DisparseValueError
 
-__all__ = ["main", "build_parser", "CLIError"]
+__all__ = ["main", "build_parser", "CLIError", "ConfigOption", "CONFIG_OPTIONS", "positive_int"]
 
 
 class CLIError(DisparseValueError):
     """A command-line argument names something that cannot be used (import, file kind)."""
 
 
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help text with each option's default appended (unless it has none or says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="disparse-fx", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="disparse-fx", description=__doc__.splitlines()[0],
+                                     formatter_class=_DefaultsHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and DEBUG logs")
     sub = parser.add_subparsers(dest="command", required=True)
     from . import demo
 
-    demo.add_arguments(sub.add_parser("demo", help="the main job on the built-in default (see demo --help)",
-                                      description=demo.__doc__.splitlines()[0]))
+    p = _add_parser(sub, "demo", help="the main job on the built-in default (see demo --help)",
+                    description=demo.__doc__.splitlines()[0])
+    demo.add_arguments(p)
     _add_commands(sub)
     return parser
 
@@ -41,18 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with 2 on usage errors
+    args.config = _check_config(args)  # so do options CompressConfig rejects
     if args.command == "compress" and args.model and not args.data and not (
             args.criterion in ("magnitude", "random") and args.input_shape):
         parser.error("compress MODEL needs --data package.module:factory (or --criterion magnitude/random with "
                      "--input-shape)")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "demo":
-            from .demo import run_from_args
+        with _current_folder_importable():
+            if args.command == "demo":
+                from .demo import run_from_args
 
-            return run_from_args(args, sys.stdout)
-        if args.command in _COMMANDS:
-            return _COMMANDS[args.command](args, sys.stdout)
+                return run_from_args(args, sys.stdout)
+            if args.command in _COMMANDS:
+                return _COMMANDS[args.command](args, sys.stdout)
     except Exception as exc:  # noqa: BLE001 - one line, no traceback, unless --debug
         if args.debug:
             raise
@@ -61,6 +89,122 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+@contextlib.contextmanager
+def _current_folder_importable() -> Iterator[None]:
+    """The current folder first on sys.path while a command runs, as ``python -m`` puts
+    it (an installed console script starts without it); removed again afterwards."""
+    cwd = os.getcwd()
+    if "" in sys.path or cwd in sys.path:
+        yield
+        return
+    sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(cwd)
+
+
+# ----------------------------------------------------------------------------- CompressConfig options
+@dataclasses.dataclass(frozen=True)
+class ConfigOption:
+    """A command-line option that sets the CompressConfig field of the same name
+    (``--num-batches`` sets ``num_batches``); its default is CompressConfig's."""
+
+    field: str
+    help: str
+    type: Optional[Callable[[str], Any]] = None
+    choices: Optional[Sequence[str]] = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+    def add_to(self, parser: argparse.ArgumentParser, default: Any = dataclasses.MISSING) -> None:
+        from .config import CompressConfig
+
+        if default is dataclasses.MISSING:
+            default = {f.name: f.default for f in dataclasses.fields(CompressConfig)}[self.field]
+        kwargs: Dict[str, Any] = {"default": default, "help": self.help}
+        if self.choices is not None:
+            kwargs["choices"] = tuple(self.choices)
+        if self.type is not None:
+            kwargs["type"] = self.type
+        parser.add_argument(self.flag, **kwargs)
+
+
+def _config_options() -> Tuple[ConfigOption, ...]:
+    from .config import ATTENTION, CRITERIA, GRANULARITIES
+
+    return (
+        ConfigOption("sparsity", "fraction of prunable parameters removed, in [0, 1)", type=float),
+        ConfigOption("granularity", "prune single weights or whole channels", choices=GRANULARITIES),
+        ConfigOption("criterion", "importance score: snip (at initialisation), taylor (trained models), "
+                                  "magnitude or random (no data needed)", choices=CRITERIA),
+        ConfigOption("attention", "channel granularity: prune whole attention heads or per-head dimensions",
+                     choices=ATTENTION),
+        ConfigOption("num_batches", "batches used to estimate importance", type=int),
+        ConfigOption("seed", "seeds the random criterion and tie-breaking", type=int),
+    )
+
+
+CONFIG_OPTIONS = _config_options()
+
+
+def _add_config_options(parser: argparse.ArgumentParser, *fields: str, **defaults: Any) -> None:
+    """Add the CONFIG_OPTIONS naming ``fields`` (all when none), defaults from
+    CompressConfig unless given in ``defaults``."""
+    for option in CONFIG_OPTIONS:
+        if not fields or option.field in fields:
+            option.add_to(parser, defaults.get(option.field, dataclasses.MISSING))
+
+
+_CONFIG_FIXED: Dict[str, Callable[[argparse.Namespace], Dict[str, Any]]] = {
+    # what a command sets itself; the other fields come from its options
+    "inspect": lambda a: {"criterion": "magnitude", "num_batches": 1, "progress": False},
+    "compress": lambda a: {"disentangle": not a.baseline, "progress": False},
+}
+_CONFIG_MESSAGE = re.compile(r"CompressConfig\.(\w+) (.*)", re.S)
+
+
+def _check_config(args: argparse.Namespace):
+    """The CompressConfig the command's options ask for (None if it has none); an
+    option CompressConfig rejects is a usage error (exit 2) naming the option."""
+    from .config import CompressConfig
+
+    names = {f.name for f in dataclasses.fields(CompressConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if not given:
+        return None
+    try:
+        return CompressConfig(**{**given, **_CONFIG_FIXED.get(args.command, lambda a: {})(args)})
+    except DisparseValueError as exc:
+        found = _CONFIG_MESSAGE.match(str(exc))
+        flags = {o.field: o.flag for o in CONFIG_OPTIONS}
+        if found and found.group(1) in given and found.group(1) in flags:
+            message = f"argument {flags[found.group(1)]}: {found.group(2)}"
+        else:
+            message = str(exc)
+        args._parser.error(message)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (else a usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _add_parser(sub, name: str, **kwargs) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, formatter_class=_DefaultsHelpFormatter, **kwargs)
+    p.set_defaults(_parser=p)  # usage errors found after parsing are reported by the subcommand's parser
+    return p
 
 
 # ----------------------------------------------------------------------------- subcommands
@@ -82,27 +226,16 @@ def _shape(text: str) -> Tuple[int, ...]:
 
 
 def _add_commands(sub) -> None:
-    from .config import ATTENTION, CRITERIA, GRANULARITIES
-
-    def cfg(p, *, criterion="snip"):
-        p.add_argument("--sparsity", type=float, default=0.5, help="fraction of prunable parameters removed")
-        p.add_argument("--granularity", choices=GRANULARITIES, default="element")
-        p.add_argument("--attention", choices=ATTENTION, default="heads",
-                       help="channel granularity: prune whole attention heads or per-head dimensions")
-        p.add_argument("--seed", type=int, default=0)
-        if criterion != "magnitude":
-            p.add_argument("--criterion", choices=CRITERIA, default=criterion)
-
-    p = sub.add_parser("inspect", help="ownership table and the graph code after mask insertion",
-                       description="Print which tasks each parameter serves (shared / task-specific / unused) "
-                                   "and the rewritten graph code after inserting masks at --sparsity "
-                                   "(magnitude criterion: no data needed).")
+    p = _add_parser(sub, "inspect", help="ownership table and the graph code after mask insertion",
+                    description="Print which tasks each parameter serves (shared / task-specific / unused) "
+                                "and the rewritten graph code after inserting masks at --sparsity "
+                                "(magnitude criterion: no data needed).")
     p.add_argument("model", type=_factory_spec, metavar="MODEL", help="package.module:factory returning the model")
     p.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,3,64,64 (needed for "
                                                       "--granularity channel)")
-    cfg(p, criterion="magnitude")
+    _add_config_options(p, "sparsity", "granularity", "attention", "seed")
 
-    p = sub.add_parser("compress", help="compress a model and save the result",
+    p = _add_parser(sub, "compress", help="compress a model and save the result",
                        description="Compress MODEL (default: the built-in DeepLab-ResNet on the built-in photo "
                                    "tasks) with DiSparse and save the result (graph, masks, plan) to --out.")
     p.add_argument("model", nargs="?", type=_factory_spec, metavar="MODEL",
@@ -111,31 +244,30 @@ def _add_commands(sub) -> None:
                                                       "default: the built-in photo tasks (built-in model only)")
     p.add_argument("--input-shape", type=_shape, help="with --criterion magnitude/random and no --data: the "
                                                       "shape of random example inputs")
-    p.add_argument("--num-batches", type=int, default=8, help="batches used to estimate importance")
     p.add_argument("--baseline", action="store_true", help="one score on the summed loss (disentangle=False)")
     p.add_argument("--out", required=True, help="result file to write (e.g. result.dfx)")
-    cfg(p)
+    _add_config_options(p)
 
-    p = sub.add_parser("slim", help="remove pruned channels from a saved result",
+    p = _add_parser(sub, "slim", help="remove pruned channels from a saved result",
                        description="Load a saved result, remove its pruned channels (dfx.slim) and save the slim "
                                    "model.")
     p.add_argument("result", metavar="RESULT", help="a file written by `disparse-fx compress`")
     p.add_argument("--out", required=True, help="slim model file to write (e.g. slim.dfx)")
 
-    p = sub.add_parser("export", help="export a saved model to ONNX, verified with onnxruntime",
+    p = _add_parser(sub, "export", help="export a saved model to ONNX, verified with onnxruntime",
                        description="Load a saved slim model or result (its masked model), export it to ONNX and "
                                    "check onnxruntime against PyTorch.")
     p.add_argument("model_file", metavar="MODEL_FILE", help="a file written by `slim` or `compress`")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--input-shape", type=_shape, help="example input shape (default: the shape compress saw)")
-    p.add_argument("--opset", type=int, default=None)
+    p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: 17)")
 
-    p = sub.add_parser("report", help="write a report folder for a saved result",
+    p = _add_parser(sub, "report", help="write a report folder for a saved result",
                        description="Write the report (per-layer table, parameter and FLOP totals), the mask-overlap "
                                    "table and plot and the graph drawing into a folder.")
     p.add_argument("result", metavar="RESULT", help="a file written by `disparse-fx compress`")
     p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--format", choices=("md", "html"), default="md")
+    p.add_argument("--format", choices=("md", "html"), default="md", help="report format")
     p.add_argument("--input-shape", type=_shape, help="example input shape (default: the shape compress saw)")
 
 
@@ -185,14 +317,11 @@ def _cmd_inspect(args, out: TextIO) -> int:
     from tabulate import tabulate
 
     from .api import compress
-    from .config import CompressConfig
     from .report import owners_label
 
     model = _model(args.model)
     data = [torch.randn(args.input_shape)] if args.input_shape else []
-    config = CompressConfig(sparsity=args.sparsity, criterion="magnitude", granularity=args.granularity,
-                            num_batches=1, seed=args.seed, progress=False, attention=args.attention)
-    result = compress(model, _dummy_losses(model), data, config)
+    result = compress(model, _dummy_losses(model), data, args.config)
     plan = result.plan
     kinds = {"shared": "shared", "task": "task-specific", "unused": "unused"}
     rows = [[p, "x".join(map(str, t.shape)), t.numel(), owners_label(plan, p), kinds[plan.kind(p)],
@@ -213,7 +342,6 @@ def _cmd_compress(args, out: TextIO) -> int:
     import torch
 
     from .api import compress
-    from .config import CompressConfig
     from .serialize import save
 
     if args.model is None:
@@ -242,10 +370,7 @@ def _cmd_compress(args, out: TextIO) -> int:
     else:  # main() rejects this combination as a usage error
         raise CLIError("compress MODEL needs --data package.module:factory (or --criterion magnitude/random "
                        "with --input-shape)")
-    config = CompressConfig(sparsity=args.sparsity, criterion=args.criterion, disentangle=not args.baseline,
-                            granularity=args.granularity, num_batches=args.num_batches, seed=args.seed,
-                            progress=False, attention=args.attention)
-    result = compress(model, losses, data, config)
+    result = compress(model, losses, data, args.config)
     print(result.summary(), file=out)
     save(result, args.out)
     print(f"\ncompressed {what}: sparsity {result.plan.sparsity:.4f}; result saved to {args.out}", file=out)

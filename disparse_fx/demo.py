@@ -33,6 +33,7 @@ from passes.flops import count_flops
 from passes.trace import trace_model
 
 from .api import compress, slim
+from .cli import positive_int
 from .config import CRITERIA, GRANULARITIES, CompressConfig
 from .errors import DisparseValueError
 from .data import HIGHER_IS_BETTER, TASK_METRICS, cache_dir, default_task_losses, delta_t, evaluate, make_splits
@@ -69,16 +70,19 @@ class DemoOptions:
 def add_arguments(parser) -> None:
     d = DemoOptions()
     parser.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction of prunable parameters removed")
-    parser.add_argument("--criterion", choices=CRITERIA, default=d.criterion)
-    parser.add_argument("--granularity", choices=GRANULARITIES, default=d.granularity)
+    parser.add_argument("--criterion", choices=CRITERIA, default=d.criterion, help="importance score")
+    parser.add_argument("--granularity", choices=GRANULARITIES, default=d.granularity,
+                        help="prune single weights or whole channels")
     parser.add_argument("--baseline", action="store_true", help="one score on the summed loss (disentangle=False)")
     parser.add_argument("--size", choices=("tiny", "small"), default=d.size, help="model size")
-    parser.add_argument("--dense-steps", type=int, default=d.dense_steps, help="training steps of the dense model")
-    parser.add_argument("--finetune-steps", type=int, default=d.finetune_steps)
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--dense-steps", type=positive_int, default=d.dense_steps,
+                        help="training steps of the dense model")
+    parser.add_argument("--finetune-steps", type=positive_int, default=d.finetune_steps,
+                        help="fine-tuning steps of the compressed model")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seeds data, training and compression")
     parser.add_argument("--out", default=d.out, help="output folder (report, ONNX files, plots)")
     parser.add_argument("--fast", action="store_true", help="a few steps on a few crops (smoke test)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads (default 1: the tiny model gains little from more, and a "
                              "shared machine's busy cores stall multi-threaded runs many times over)")
 

@@ -31,20 +31,22 @@ def test_help_and_usage_errors():
     assert bad.returncode == 2 and "invalid choice: 'l1'" in bad.stderr
 
 
-def test_failure_is_one_line_exit_1():
+def test_options_the_config_rejects_are_usage_errors_exit_2():
     res = run_cli("demo", "--sparsity", "1.5")
-    assert res.returncode == 1
-    assert res.stderr.strip() == "disparse-fx: error: CompressConfig.sparsity must be a number in [0, 1), got 1.5"
+    assert res.returncode == 2
+    assert res.stderr.strip().endswith("disparse-fx demo: error: argument --sparsity: must be a number in [0, 1), "
+                                       "got 1.5")
 
 
-def test_bad_demo_option_fails_before_any_work():
-    res = run_cli("demo", "--dense-steps", "0")
-    assert res.returncode == 1 and res.stderr.strip() == "disparse-fx: error: demo --dense-steps must be >= 1, got 0"
-    res = run_cli("demo", "--threads", "0")
-    assert res.returncode == 1 and res.stderr.strip() == "disparse-fx: error: demo --threads must be >= 1, got 0"
+def test_bad_demo_option_fails_before_any_work(capsys):
+    for option in ("--dense-steps", "--threads"):
+        with pytest.raises(SystemExit) as info:
+            main(["demo", option, "0"])
+        assert info.value.code == 2
+        assert f"error: argument {option}: must be an integer >= 1, got '0'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", ["--debug"])
-def test_debug_shows_traceback(flag):
-    res = run_cli(flag, "demo", "--sparsity", "1.5")
+def test_debug_shows_traceback(flag, tmp_path):
+    res = run_cli(flag, "slim", str(tmp_path / "missing.dfx"), "--out", str(tmp_path / "s.dfx"))
     assert res.returncode == 1 and "Traceback" in res.stderr

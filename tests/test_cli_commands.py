@@ -112,3 +112,54 @@ def test_compress_data_free_with_input_shape(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", str(tmp_path / "r.dfx"), "--out", str(tmp_path / "m.onnx")]) == 0  # a masked model
     assert "output cls" in capsys.readouterr().out
+
+
+def test_console_script_imports_from_the_current_folder(tmp_path):
+    """The installed `disparse-fx` finds MODEL in the current folder, as `python -m` does."""
+    script = pathlib.Path(sys.executable).with_name("disparse-fx")
+    if not script.exists():
+        pytest.skip("the disparse-fx console script is not installed next to this python")
+    (tmp_path / "mymodels.py").write_text(
+        "import torch.nn as nn\n\n"
+        "class Two(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 2)\n\n"
+        "    def forward(self, x):\n"
+        "        return {'a': self.a(x), 'b': self.b(x)}\n\n"
+        "def net():\n"
+        "    return Two()\n")
+    res = subprocess.run([str(script), "inspect", "mymodels:net", "--sparsity", "0.5"], capture_output=True,
+                         text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "# Two: tasks a, b" in res.stdout
+
+
+@pytest.mark.parametrize("command", ["inspect", "compress"])
+def test_help_shows_defaults_equal_to_compress_config(command, capsys):
+    import dataclasses
+
+    from disparse_fx.cli import CONFIG_OPTIONS, build_parser
+
+    defaults = {f.name: f.default for f in dataclasses.fields(dfx.CompressConfig)}
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    options = [o for o in CONFIG_OPTIONS if any(o.flag in a.option_strings for a in sub._actions)]
+    assert {o.field for o in options} >= {"sparsity", "granularity", "seed"}
+    for option in options:
+        assert sub.get_default(option.field) == defaults[option.field], option.flag
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {defaults['sparsity']})" in text and f"(default: {defaults['seed']})" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["inspect", MODEL, "--sparsity", "90"], "argument --sparsity: must be a number in [0, 1), got 90.0"),
+    (["compress", MODEL, "--data", DATA, "--num-batches", "0", "--out", "r.dfx"],
+     "argument --num-batches: must be an integer >= 1, got 0"),
+    (["export", "s.dfx", "--out", "s.onnx", "--opset", "0"], "argument --opset: must be an integer >= 1"),
+])
+def test_values_the_library_rejects_are_usage_errors_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
