@@ -754,7 +754,7 @@ class ChannelDynamicSparsity(DynamicSparsity):
             for _, param, dim, idx in self._members[gid]:
                 w = param.detach().float()
                 dims = [d for d in range(w.dim()) if d != dim]
-                per = (w.square().sum(dim=dims) if dims else w.square()).double().cpu()
+                per = (w.square().sum(dim=dims) if dims else w.square()).cpu().double()  # no float64 on MPS
                 sel = idx >= 0
                 sq.index_add_(0, idx[sel], per[sel])
                 n.index_add_(0, idx[sel], torch.ones(int(sel.sum()), dtype=torch.float64))
@@ -805,7 +805,7 @@ class ChannelDynamicSparsity(DynamicSparsity):
         distributed.all_reduce_mean_(grads)  # signed: the gradient of the global batch
         scores = {}
         for t, acc in zip(tasks, grads):
-            mag = acc.abs().double().cpu()
+            mag = acc.abs().cpu().double()
             per = {g: mag[self.groups.offsets[g]:self.groups.offsets[g] + self.groups.groups[g].size]
                    for g in self._reach[t]}
             total = float(sum(float(v.sum()) for v in per.values()))

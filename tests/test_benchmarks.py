@@ -66,12 +66,13 @@ def test_gpu_smoke_falls_back_to_cpu(tmp_path):
     assert "## Speed" in text and "## Cost" in text
 
 
-def test_gpu_without_gpu_exits_zero(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--tests",)])
+def test_gpu_without_gpu_exits_zero(tmp_path, extra):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the no-GPU message does not apply")
-    proc = _run("gpu.py", "--out", str(tmp_path / "gpu.md"))
+    proc = _run("gpu.py", *extra, "--out", str(tmp_path / "gpu.md"))
     _check(proc)
     assert "no CUDA GPU" in proc.stdout
     assert not (tmp_path / "gpu.md").exists()
