@@ -18,8 +18,9 @@ from passes.ownership import analyze_ownership
 from passes.prunable import default_prunable_params
 from passes.trace import trace_model
 
+from .budget import budget_model, budget_report
 from .channel_decision import decide_channels
-from .config import CompressConfig
+from .config import CompressConfig, default_round_to
 from .decision import decide
 from .errors import DisparseValueError, NoPrunableParametersError, NotEnoughBatchesError, TaskMismatchError
 from .importance import default_inputs, estimate_importance, model_inputs
@@ -97,19 +98,25 @@ def compress(
         config=config,
     )
     shapes = {p: params[p].shape for p in prunable}
-    channels = None
+    channels = budget = None
     if groups is None:
         decision = decide(scores, prunable=prunable, shapes=shapes, task_domains=domains, config=config)
         masked = insert_masks(gm, _gm_keyed(gm, params, decision.masks))
         sparsity = 1.0 - sum(int(m.sum()) for m in decision.masks.values()) / sum(m.numel() for m in decision.masks.values())
         task_scores = decision.task_scores
     else:
+        first_param = next(iter(params.values()))
+        round_to = config.round_to or default_round_to(first_param.device, first_param.dtype, config.budget)
+        cost_model = budget_model(config, gm, groups, example)
         decision = decide_channels(scores, groups, prunable=prunable, shapes=shapes, owners=ownership.owners,
-                                   task_domains=domains, config=config)
+                                   task_domains=domains, config=config, round_to=round_to,
+                                   budget_model=cost_model)
         masked = insert_channel_masks(gm, groups, decision.channels.keep)
         sparsity = decision.sparsity
         channels = decision.channels
         task_scores = _normalised(scores, domains, config)
+        budget = budget_report(config, gm, groups, example, decision.channels.keep, decision.budget_removed,
+                               cost_model, {n: tuple(p.shape) for n, p in params.items()})
     total = sum(m.numel() for m in decision.masks.values())
     plan = Plan(
         owners=dict(ownership.owners),
@@ -125,9 +132,11 @@ def compress(
         shapes={p: tuple(s) for p, s in shapes.items()},
         channels=channels,
         input_specs=_input_specs(example),
+        budget=budget,
     )
-    log.info("compress: %d tasks, %d prunable parameters (%d elements), sparsity %.4f (target %.4f) in %.2fs",
-             len(ownership.tasks), len(prunable), total, plan.sparsity, config.sparsity, time.perf_counter() - t0)
+    log.info("compress: %d tasks, %d prunable parameters (%d elements), sparsity %.4f (target %.4f) in %.2fs%s",
+             len(ownership.tasks), len(prunable), total, plan.sparsity, config.sparsity, time.perf_counter() - t0,
+             f"; {budget}" if budget is not None else "")
     return CompressionResult(model=masked, plan=plan)
 
 

@@ -29,15 +29,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Hashable, Mapping, Sequence, Tuple
+import logging
+from typing import Dict, Hashable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from passes.channel_costs import ChannelCostModel
 from passes.channel_groups import ChannelGroups
 
 from .config import CompressConfig
 from .decision import _rank_descending
+from .errors import TargetUnreachableError
 from .importance import SUMMED, TaskScores
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ChannelPlan", "ChannelDecision", "decide_channels", "prunable_sparsity"]
 
@@ -67,6 +72,7 @@ class ChannelDecision:
     task_masks: Mapping[Hashable, Mapping[str, torch.Tensor]]
     keep_ratio: float
     sparsity: float
+    budget_removed: float = 0.0  # fraction of the budget quantity removed (= sparsity for "params")
 
 
 def prunable_sparsity(groups: ChannelGroups, keep: Mapping[int, torch.Tensor], prunable: Sequence[str],
@@ -87,7 +93,16 @@ def decide_channels(
     owners: Mapping[str, frozenset],
     task_domains: Mapping[Hashable, Sequence[str]],
     config: CompressConfig,
+    round_to: int = 1,
+    budget_model: Optional[ChannelCostModel] = None,
 ) -> ChannelDecision:
+    """The channel plan at the target (see the module docstring).
+
+    ``budget_model``: the FLOPs or latency of the model as a function of its kept channels
+    (``config.budget`` "flops" / "latency"); None counts prunable parameters. ``round_to``:
+    the resolved channel alignment. Raises :class:`TargetUnreachableError` when even the
+    smallest plan misses the target by more than a point (unless ``config.best_effort``).
+    """
     prunable_set = set(prunable)
     removable = [g for g in groups.groups if g.removable]
     units = list(scores.scores)
@@ -111,75 +126,53 @@ def decide_channels(
                 per = (s.sum(dim=dims) if dims else s).double().cpu()
                 acc = unit_scores[u].setdefault(g.id, torch.zeros(g.size, dtype=torch.float64))
                 acc.index_add_(0, m.index[sel], per[sel])
-
-    # Rank each unit's channels by score per element; c_u = (rank + 1) / n_u.
-    c_min = {g.id: torch.full((g.size,), math.inf, dtype=torch.float64) for g in removable}
-    best_unit = {g.id: torch.full((g.size,), -1, dtype=torch.long) for g in removable}
-    unit_c: Dict[Hashable, Dict[int, torch.Tensor]] = {}
     normalised: Dict[Hashable, Dict[int, torch.Tensor]] = {}
-    for ui, u in enumerate(units):
-        gids = list(unit_scores[u])
-        if not gids:
-            continue
-        flat = torch.cat([unit_scores[u][gid] for gid in gids])
-        total = float(flat.sum()) or 1.0
-        normalised[u] = {gid: (unit_scores[u][gid] / total).float() for gid in gids}
-        density = flat / torch.cat([cost[gid] for gid in gids]).clamp_min(1.0)
-        rank = _rank_descending(density, seed=config.seed + ui)
-        cu = (rank + 1).double() / len(rank)
-        unit_c[u] = dict(zip(gids, cu.split([groups.groups[gid].size for gid in gids])))
-        for gid, cg in unit_c[u].items():
-            better = cg < c_min[gid]
-            c_min[gid] = torch.where(better, cg, c_min[gid])
-            best_unit[gid] = torch.where(better, torch.full_like(best_unit[gid], ui), best_unit[gid])
-    voted = [g for g in removable if torch.isfinite(c_min[g.id]).any()]
+    for u in units:
+        total = float(sum(float(v.sum()) for v in unit_scores[u].values())) or 1.0
+        normalised[u] = {gid: (v / total).float() for gid, v in unit_scores[u].items()}
 
-    def keep_at(r: float) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
-        keep, extra = {}, {}
-        for g in voted:
-            cm = c_min[g.id]
-            k = cm <= r
-            forced = torch.zeros_like(k)
-            order = torch.argsort(cm, stable=True)  # best-ranked first
-            need = max(int(k.sum()), 1)
-            if config.round_to > 1:
-                need = min(g.size, -(-need // config.round_to) * config.round_to)
-            if int(k.sum()) < need:
-                add = order[: need]
-                forced[add] = ~k[add]
-                k[add] = True
-            for piece in g.keep_one_of:
-                if not bool(k[piece].any()):
-                    best = piece[torch.argmin(cm[piece])]
-                    forced[best], k[best] = True, True
-            if config.round_to > 1:  # pieces may have added channels: round the count again
-                need = min(g.size, -(-int(k.sum()) // config.round_to) * config.round_to)
-                add = order[~k[order]][: need - int(k.sum())]
-                forced[add], k[add] = True, True
-            keep[g.id], extra[g.id] = k, forced
-        return keep, extra
+    if budget_model is None:
+        dense_budget = None
 
-    def sparsity_at(r: float) -> float:
-        return prunable_sparsity(groups, keep_at(r)[0], prunable, shapes)
+        def removed_at(keep) -> float:
+            return prunable_sparsity(groups, keep, prunable, shapes)
+    else:
+        dense_budget = budget_model.dense_cost()
 
-    candidates = torch.unique(torch.cat([c[torch.isfinite(c)] for c in c_min.values()])) if voted else torch.ones(1)
-    target = config.sparsity
-    lo, hi = 0, len(candidates) - 1  # sparsity decreases as r grows
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if sparsity_at(float(candidates[mid])) <= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    best = lo
-    if lo > 0 and abs(sparsity_at(float(candidates[lo - 1])) - target) < abs(sparsity_at(float(candidates[lo])) - target):
-        best = lo - 1
-    r = float(candidates[best])
+        def removed_at(keep) -> float:
+            return 1.0 - float(budget_model.cost(groups.keep_vector(keep).double())) / dense_budget
+
+    def choose(cost):
+        ranked = _rank_units(units, unit_scores, cost, groups, config.seed)
+        keep_at = _keeper(ranked.c_min, removable, round_to)
+        r = _search(ranked.c_min, keep_at, removed_at, config.sparsity)
+        return ranked, keep_at, r
+
+    ranked, keep_at, r = choose(cost)
+    if budget_model is not None:
+        # Cost-aware ranking: a channel costs what its removal saves at the current widths
+        # of its neighbours; re-estimated at each plan (damped, so the order settles).
+        marginal = _split(budget_model.marginal(torch.ones(groups.num_channels, dtype=torch.float64)), groups)
+        cost = {gid: marginal[gid] for gid in cost}
+        for _ in range(_REESTIMATE):
+            ranked, keep_at, r = choose(cost)
+            now = _split(budget_model.marginal(groups.keep_vector(keep_at(r)[0]).double()), groups)
+            cost = {gid: 0.5 * (cost[gid] + now[gid]) for gid in cost}
+        ranked, keep_at, r = choose(cost)
     keep, extra = keep_at(r)
+    achieved = removed_at(keep)
+    if achieved < config.sparsity - _TOLERANCE:  # coarse channels, or a target out of reach?
+        most = removed_at(keep_at(-math.inf)[0])
+        if most < config.sparsity - _TOLERANCE:
+            _unreachable(groups, most, config, round_to, prunable_set, shapes)
+            keep, extra = keep_at(-math.inf)
+            achieved = most
 
+    voted = [g for g in removable if torch.isfinite(ranked.c_min[g.id]).any()]
     task_keep: Dict[Hashable, Dict[int, torch.Tensor]] = {}
     for ui, u in enumerate(units):
-        task_keep[u] = {gid: (cg <= r) | (extra[gid] & (best_unit[gid] == ui)) for gid, cg in unit_c.get(u, {}).items()}
+        task_keep[u] = {gid: (cg <= r) | (extra[gid] & (ranked.best_unit[gid] == ui))
+                        for gid, cg in ranked.unit_c.get(u, {}).items()}
     if not config.disentangle:  # one global decision: every task sees the final keep of what it reaches
         reach = {t: {g.id for g in voted if any(m.param_name in set(dom) for m in g.members)}
                  for t, dom in task_domains.items()}
@@ -190,7 +183,125 @@ def decide_channels(
     masks, task_masks = _element_masks(groups, keep, task_keep, prunable, shapes, owners, task_domains)
     channels = ChannelPlan(groups=groups, keep=keep, task_keep=task_keep, scores=normalised)
     return ChannelDecision(channels=channels, masks=masks, task_masks=task_masks, keep_ratio=r,
-                           sparsity=prunable_sparsity(groups, keep, prunable, shapes))
+                           sparsity=prunable_sparsity(groups, keep, prunable, shapes),
+                           budget_removed=achieved)
+
+
+#: Re-estimations of the channels' marginal FLOPs / latency (each: one ranking and search).
+_REESTIMATE = 3
+#: How far below the target a plan may land before the target counts as unreachable.
+_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class _Ranked:
+    c_min: Dict[int, torch.Tensor]      # per group: the best c_u over the units reaching it
+    best_unit: Dict[int, torch.Tensor]  # which unit gives c_min (-1: none)
+    unit_c: Dict[Hashable, Dict[int, torch.Tensor]]
+
+
+def _rank_units(units, unit_scores, cost, groups: ChannelGroups, seed: int) -> _Ranked:
+    """Rank each unit's channels by score per unit of cost; c_u = (rank + 1) / n_u."""
+    c_min = {gid: torch.full((len(c),), math.inf, dtype=torch.float64) for gid, c in cost.items()}
+    best_unit = {gid: torch.full((len(c),), -1, dtype=torch.long) for gid, c in cost.items()}
+    unit_c: Dict[Hashable, Dict[int, torch.Tensor]] = {}
+    for ui, u in enumerate(units):
+        gids = list(unit_scores[u])
+        if not gids:
+            continue
+        flat = torch.cat([unit_scores[u][gid] for gid in gids])
+        density = flat / torch.cat([cost[gid] for gid in gids]).clamp_min(1e-12)
+        rank = _rank_descending(density, seed=seed + ui)
+        cu = (rank + 1).double() / len(rank)
+        unit_c[u] = dict(zip(gids, cu.split([groups.groups[gid].size for gid in gids])))
+        for gid, cg in unit_c[u].items():
+            better = cg < c_min[gid]
+            c_min[gid] = torch.where(better, cg, c_min[gid])
+            best_unit[gid] = torch.where(better, torch.full_like(best_unit[gid], ui), best_unit[gid])
+    return _Ranked(c_min=c_min, best_unit=best_unit, unit_c=unit_c)
+
+
+def _keeper(c_min: Mapping[int, torch.Tensor], removable, round_to: int):
+    """keep_at(r) -> ({group: kept flags}, {group: channels forced in beyond the votes})."""
+    voted = [g for g in removable if torch.isfinite(c_min[g.id]).any()]
+    orders = {g.id: torch.argsort(c_min[g.id], stable=True) for g in voted}  # best-ranked first
+
+    def keep_at(r: float) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
+        keep, extra = {}, {}
+        for g in voted:
+            cm = c_min[g.id]
+            k = cm <= r
+            forced = torch.zeros_like(k)
+            order = orders[g.id]
+            need = max(int(k.sum()), 1)
+            if round_to > 1:
+                need = min(g.size, -(-need // round_to) * round_to)
+            if int(k.sum()) < need:
+                add = order[: need]
+                forced[add] = ~k[add]
+                k[add] = True
+            for piece in g.keep_one_of:
+                if not bool(k[piece].any()):
+                    best = piece[torch.argmin(cm[piece])]
+                    forced[best], k[best] = True, True
+            if round_to > 1:  # pieces may have added channels: round the count again
+                need = min(g.size, -(-int(k.sum()) // round_to) * round_to)
+                add = order[~k[order]][: need - int(k.sum())]
+                forced[add], k[add] = True, True
+            keep[g.id], extra[g.id] = k, forced
+        return keep, extra
+
+    return keep_at
+
+
+def _search(c_min, keep_at, removed_at, target: float) -> float:
+    """The r whose plan removes closest to ``target`` (removal falls as r grows)."""
+    finite = [c[torch.isfinite(c)] for c in c_min.values()]
+    candidates = torch.unique(torch.cat(finite)) if finite and sum(len(f) for f in finite) else torch.ones(1)
+
+    def removed(i: int) -> float:
+        return removed_at(keep_at(float(candidates[i]))[0])
+
+    lo, hi = 0, len(candidates) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if removed(mid) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = lo
+    if lo > 0 and abs(removed(lo - 1) - target) < abs(removed(lo) - target):
+        best = lo - 1
+    return float(candidates[best])
+
+
+def _split(per_channel: torch.Tensor, groups: ChannelGroups) -> Dict[int, torch.Tensor]:
+    return {g.id: per_channel[groups.offsets[g.id]:groups.offsets[g.id] + g.size].double()
+            for g in groups.groups}
+
+
+def _unreachable(groups, smallest: float, config, round_to: int, prunable_set, shapes) -> None:
+    """Raise (or, with best_effort, warn) naming the most that can be removed and why."""
+    fixed = [g for g in groups.groups if not g.removable and any(m.param_name in prunable_set for m in g.members)]
+
+    def held(g):
+        return sum(math.prod(shapes[m.param_name]) // shapes[m.param_name][m.dim] * g.size
+                   for m in g.members if m.param_name in prunable_set)
+
+    fixed.sort(key=held, reverse=True)
+    pinned = "; ".join(f"group {g.id} ({g.size} channels of {', '.join(g.params[:3])}"
+                       f"{'...' if len(g.params) > 3 else ''}): {g.reason}" for g in fixed[:5])
+    what = {"params": "prunable parameters", "flops": "FLOPs", "latency": "latency"}[config.budget]
+    msg = (f"CompressConfig(sparsity={config.sparsity:g}, budget={config.budget!r}) cannot be reached: keeping "
+           f"the fewest channels allowed (one per removable group"
+           + (f", rounded up to round_to={round_to}" if round_to > 1 else "")
+           + f") removes at most {smallest:.4f} of the {what}. The channels that "
+           f"cannot go are held by {len(fixed)} fixed group(s)"
+           + (f", the largest: {pinned}" if pinned else "")
+           + ". Lower the sparsity, or pass best_effort=True to accept the most that can be removed.")
+    if not config.best_effort:
+        raise TargetUnreachableError(msg)
+    log.warning("%s (best_effort=True: continuing)", msg)
 
 
 def _element_masks(groups, keep, task_keep, prunable, shapes, owners, task_domains):

@@ -8,11 +8,23 @@ import torch
 
 from .errors import DisparseValueError
 
-__all__ = ["CompressConfig", "CRITERIA", "GRANULARITIES", "ATTENTION", "default_prunable"]
+__all__ = ["CompressConfig", "CRITERIA", "GRANULARITIES", "ATTENTION", "BUDGETS", "default_prunable",
+           "default_round_to"]
 
 CRITERIA = ("snip", "taylor", "magnitude", "random")
 GRANULARITIES = ("element", "channel")
 ATTENTION = ("heads", "head_dims")
+BUDGETS = ("params", "flops", "latency")
+
+
+def default_round_to(device: torch.device, dtype: torch.dtype, budget: str = "params") -> int:
+    """The channel alignment when ``round_to`` is None: 8 on CUDA (tensor-core GEMMs want
+    multiples of 8 in 16-bit types; cuDNN/cuBLAS pick their fast kernels for them), 8 for
+    16-bit weights and for a latency budget anywhere (oneDNN blocks channels by 8 on AVX2
+    and 16 on AVX-512), else 1 (FLOPs and parameters are exact at any width)."""
+    if torch.device(device).type == "cuda" or dtype in (torch.float16, torch.bfloat16) or budget == "latency":
+        return 8
+    return 1
 
 # Module types whose ``weight`` is prunable by default (method.md: conv/linear only).
 _PRUNABLE_MODULES = (
@@ -54,7 +66,23 @@ class CompressConfig:
     filter_fn: ``filter_fn(name, param) -> bool`` overrides which parameters are
         prunable (default: Conv/ConvTranspose/Linear weights and functional weights).
     progress: show a tqdm bar over batches (only when stderr is a terminal).
-    round_to: channel granularity only; kept channel counts are multiples of it.
+    round_to: channel granularity only; kept channel counts are multiples of it (capped at
+        the group size). None (the default) follows the model's device and dtype and the
+        budget (:func:`default_round_to`: 8 on CUDA, for 16-bit weights and for a latency
+        budget, else 1).
+    budget: channel granularity only; what ``sparsity`` counts: "params" (the fraction
+        of prunable parameters removed after slimming; the default), "flops" (the
+        fraction of the model's FLOPs per sample at the example input's shape removed, as
+        passes.flops counts them) or "latency" (the fraction of the forward time at the
+        example batch size and dtype on the model's device removed, from a per-layer
+        latency table measured once and cached on disk; see disparse_fx.latency_model). With
+        "flops" and "latency" each task ranks its channels by importance per unit of
+        FLOPs or time saved (disparse_fx.channel_decision).
+    best_effort: when the target cannot be reached (channels pinned by the graph hold
+        too much of the budget), return the most that can be removed with a warning
+        instead of raising TargetUnreachableError.
+    latency_time_limit_s: the most seconds the latency table may spend measuring (layers
+        not measured by then are scaled by their FLOPs; the plan says so).
     attention: channel granularity only; what a channel of an attention block is:
         "heads" (a whole head, removed only if every task reaching it votes so; the
         head count shrinks) or "head_dims" (one position of the per-head width, in
@@ -71,8 +99,11 @@ class CompressConfig:
     allow_fewer_batches: bool = False
     filter_fn: Optional[Callable[[str, torch.nn.Parameter], bool]] = None
     progress: bool = True
-    round_to: int = 1
+    round_to: Optional[int] = None
     attention: str = "heads"
+    budget: str = "params"
+    best_effort: bool = False
+    latency_time_limit_s: float = 120.0
 
     def __post_init__(self):
         def bad(field, must, got):
@@ -97,8 +128,19 @@ class CompressConfig:
             bad("min_layer_density", f"at most 1 - sparsity = {1.0 - self.sparsity:g}", self.min_layer_density)
         if self.filter_fn is not None and not callable(self.filter_fn):
             bad("filter_fn", "None or a callable (name, param) -> bool", self.filter_fn)
-        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
-            bad("round_to", "an integer >= 1", self.round_to)
+        if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
+                                          or self.round_to < 1):
+            bad("round_to", "None (follow the device) or an integer >= 1", self.round_to)
+        if self.budget not in BUDGETS:
+            bad("budget", f"one of {BUDGETS}", self.budget)
+        if self.budget != "params" and self.granularity != "channel":
+            bad("budget", f"'params' with granularity={self.granularity!r} (FLOPs and latency budgets "
+                "remove whole channels: use granularity='channel')", self.budget)
+        if not isinstance(self.best_effort, bool):
+            bad("best_effort", "True or False", self.best_effort)
+        if isinstance(self.latency_time_limit_s, bool) or not isinstance(self.latency_time_limit_s, (int, float)) \
+                or not self.latency_time_limit_s > 0:
+            bad("latency_time_limit_s", "a number of seconds > 0", self.latency_time_limit_s)
         if self.attention not in ATTENTION:
             bad("attention", f"one of {ATTENTION}", self.attention)
 

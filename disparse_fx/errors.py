@@ -24,6 +24,7 @@ __all__ = [
     "NotEnoughBatchesError",
     "NoPrunableParametersError",
     "InputError",
+    "TargetUnreachableError",
 ]
 
 
@@ -49,3 +50,8 @@ class NoPrunableParametersError(DisparseValueError):
 
 class InputError(DisparseValueError):
     """The model rejected what ``inputs(batch)`` returned."""
+
+
+class TargetUnreachableError(DisparseValueError):
+    """The requested sparsity / budget cannot be reached: the channels the graph pins hold
+    too much of it (names the most that can be removed and the largest pinned groups)."""

@@ -9,6 +9,7 @@ import torch
 from .config import CompressConfig
 
 if TYPE_CHECKING:
+    from .budget import BudgetReport
     from .channel_decision import ChannelPlan
 
 __all__ = ["Plan", "inputs_from_specs"]
@@ -51,6 +52,9 @@ class Plan:
     channels: channel granularity only - the channel groups, each channel's keep flag
     and each task's votes (see :class:`disparse_fx.channel_decision.ChannelPlan`).
     input_specs: (shape, dtype) of the model inputs compress() saw, for slim's checks.
+    budget: channel granularity only - what ``sparsity`` counted (config.budget) and the
+    parameters, FLOPs and (for a latency budget) modelled latency before and after
+    slimming (see :class:`disparse_fx.budget.BudgetReport`).
     """
 
     owners: Mapping[str, FrozenSet[Hashable]]
@@ -66,6 +70,7 @@ class Plan:
     shapes: Mapping[str, Tuple[int, ...]] = field(default_factory=dict)
     channels: Optional["ChannelPlan"] = None
     input_specs: Optional[Tuple[Any, ...]] = None
+    budget: Optional["BudgetReport"] = None
 
     def density(self, param: str, task: Hashable = None) -> float:
         """Kept fraction of ``param`` in the final mask, or in ``task``'s own mask."""

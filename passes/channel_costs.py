@@ -12,7 +12,7 @@ Product terms are exact for parameters (a weight's slimmed size is the product o
 kept widths) and for FLOPs (a conv's multiply-adds are its kept output elements times its
 kept input channels per group; see :class:`passes.flops.FlopTerm`). Table terms hold a
 measured per-layer latency on a grid of (input, output) kept fractions, bilinear between
-the grid points (see :mod:`disparse_fx.latency`).
+the grid points (see :mod:`disparse_fx.latency_model`).
 
 ``cost`` is differentiable in ``keep`` (a float vector): ``marginal(keep)`` is
 d cost / d keep_c, the cost that removing channel ``c`` saves at the current widths of
@@ -79,6 +79,7 @@ class ChannelCostModel:
     terms: Tuple[CostTerm, ...]
     num_channels: int
     unit: str = ""
+    note: str = ""
     _index: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):

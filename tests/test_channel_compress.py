@@ -102,7 +102,8 @@ def test_target_within_one_point_on_the_zoo_model(sparsity):
 @given(round_to=st.sampled_from([2, 4, 8]), seed=st.integers(0, 1000))
 def test_round_to_keeps_multiples(round_to, seed):
     entry = next(e for e in ZOO if e.name == "two_heads_dict")
-    _, result = compress(entry, round_to=round_to, seed=seed)
+    # groups of 8 channels: at round_to=8 nothing can go, so accept the best reachable
+    _, result = compress(entry, round_to=round_to, seed=seed, best_effort=True)
     groups = {g.id: g for g in result.plan.channels.groups.groups}
     for gid, keep in result.plan.channels.keep.items():
         k = int(keep.sum())

@@ -60,12 +60,21 @@ def test_unknown_criterion():
     ("granularity", "block", "granularity must be one of"),
     ("num_batches", 0, "num_batches must be an integer >= 1, got 0"),
     ("min_layer_density", 0.5, "min_layer_density must be at most 1 - sparsity"),
-    ("round_to", 0, "round_to must be an integer >= 1"),
+    ("round_to", 0, r"round_to must be None \(follow the device\) or an integer >= 1, got 0"),
+    ("budget", "macs", r"budget must be one of \('params', 'flops', 'latency'\), got 'macs'"),
+    ("best_effort", 1, "best_effort must be True or False"),
+    ("latency_time_limit_s", 0, "latency_time_limit_s must be a number of seconds > 0"),
     ("filter_fn", "conv", "filter_fn must be None or a callable"),
 ])
 def test_other_config_fields(field, value, text):
     with pytest.raises(dfx.DisparseValueError, match=text):
         dfx.CompressConfig(**{field: value})
+
+
+def test_flops_budget_needs_channel_granularity():
+    with pytest.raises(dfx.DisparseValueError, match=r"budget must be 'params' with granularity='element'.*"
+                                                     r"granularity='channel'"):
+        dfx.CompressConfig(budget="flops")
 
 
 def test_task_losses_names_do_not_match(model):

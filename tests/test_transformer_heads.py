@@ -521,8 +521,12 @@ def test_round_to_holds_with_split_head_pieces():
     the summed ranking keeps 1 or 2 of a's heads, rounded up to 2 = {0, 1}; piece {2, 3}
     is then empty and its best head is forced; the count (3) is rounded again, so the
     contract ("kept counts are rounded up to a multiple of N, capped at the group size")
-    holds together with "every split piece keeps a channel": 4 heads."""
+    holds together with "every split piece keeps a channel": 4 heads. Nothing can go then,
+    so the target is out of reach: it raises, and best_effort=True accepts the plan."""
     model, x, batch, losses = exact_case(HeadSplitNet)
-    result = dfx.compress(model, losses, [batch], channel_config("heads", 0.5, round_to=2, disentangle=False))
+    with pytest.raises(dfx.TargetUnreachableError, match="removes at most 0.0000"):
+        dfx.compress(model, losses, [batch], channel_config("heads", 0.5, round_to=2, disentangle=False))
+    result = dfx.compress(model, losses, [batch], channel_config("heads", 0.5, round_to=2, disentangle=False,
+                                                                 best_effort=True))
     plan, g = the_head_group(result)
     assert int(plan.keep[g.id].sum()) in (2, 4)
