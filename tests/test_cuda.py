@@ -97,7 +97,7 @@ def test_compress_slim_train_on_cuda(name, granularity, dtype, tf32_on):
     entry = ZOO_BY_NAME[name]
     model = entry.build().to(CUDA, dtype)
     data = [on_cuda(b, dtype) for b in entry.batches(2)]
-    config = dfx.CompressConfig(sparsity=0.5, granularity=granularity, num_batches=2, progress=False,
+    config = dfx.CompressConfig(sparsity=0.5, granularity=granularity, num_batches=2, progress=False, round_to=1,
                                 criterion="taylor")
     result = dfx.compress(model, entry.task_losses, data, config, inputs=entry.inputs)
     tensors = list(result.model.parameters()) + list(result.model.buffers())
@@ -115,7 +115,7 @@ def test_compress_slim_train_on_cuda(name, granularity, dtype, tf32_on):
 def test_export_onnx_of_a_cuda_slim_model(tmp_path, tf32_on):
     entry = ZOO_BY_NAME["two_heads_dict"]
     data = [on_cuda(b, torch.float32) for b in entry.batches(2)]
-    config = dfx.CompressConfig(sparsity=0.5, granularity="channel", num_batches=2, progress=False)
+    config = dfx.CompressConfig(sparsity=0.5, granularity="channel", num_batches=2, progress=False, round_to=1)
     slim = dfx.slim(dfx.compress(entry.build().to(CUDA), entry.task_losses, data, config))
     report = dfx.export_onnx(slim, data[0]["input"], tmp_path / "slim.onnx")
     assert report.path.exists()
@@ -128,7 +128,7 @@ def test_export_onnx_of_a_cuda_slim_model(tmp_path, tf32_on):
 def test_export_onnx_of_a_reduced_precision_cuda_slim_model(dtype, tmp_path):
     entry = ZOO_BY_NAME["two_heads_dict"]
     data = [on_cuda(b, dtype) for b in entry.batches(2)]
-    config = dfx.CompressConfig(sparsity=0.5, granularity="channel", num_batches=2, progress=False)
+    config = dfx.CompressConfig(sparsity=0.5, granularity="channel", num_batches=2, progress=False, round_to=1)
     slim = dfx.slim(dfx.compress(entry.build().to(CUDA, dtype), entry.task_losses, data, config))
     dfx.export_onnx(slim, data[0]["input"], tmp_path / "slim.onnx")
 
@@ -147,7 +147,7 @@ def test_slim_attention_runs_on_fused_kernels(kind):
     gen = torch.Generator().manual_seed(1)
     xs = [torch.randn(8, 3, IMAGE, IMAGE, generator=gen).to(CUDA, torch.bfloat16) for _ in range(2)]
     data = regression_batches(model, xs)
-    config = dfx.CompressConfig(sparsity=0.5, granularity="channel", attention="heads", num_batches=2,
+    config = dfx.CompressConfig(sparsity=0.5, granularity="channel", attention="heads", num_batches=2, round_to=1,
                                 progress=False)
     result = dfx.compress(model, mse_losses(["tokens", "pooled", "mid"]), data, config)
     slim = dfx.slim(result).eval()

@@ -194,7 +194,7 @@ def test_compress_slim_train_with_reduced_precision_weights(name, granularity, d
     entry = ZOO_BY_NAME[name]
     model = entry.build().to(dtype)
     data = [cast(b, dtype) for b in entry.batches(2)]
-    config = dfx.CompressConfig(sparsity=0.5, granularity=granularity, num_batches=2, progress=False,
+    config = dfx.CompressConfig(sparsity=0.5, granularity=granularity, num_batches=2, progress=False, round_to=1,
                                 criterion="taylor")
     result = dfx.compress(model, entry.task_losses, data, config, inputs=entry.inputs)
     assert {p.dtype for p in result.model.parameters()} == {dtype}
@@ -219,7 +219,7 @@ def test_attention_zoo_slims_in_bfloat16(name):
         out = model(x)
     batch = {"input": x, **{t: torch.randn_like(v) for t, v in out.items()}}
     losses = {t: (lambda t: lambda pred, b: F.mse_loss(pred, b[t]))(t) for t in out}
-    config = dfx.CompressConfig(sparsity=0.5, granularity="channel", attention="heads", num_batches=1,
+    config = dfx.CompressConfig(sparsity=0.5, granularity="channel", attention="heads", num_batches=1, round_to=1,
                                 progress=False)
     result = dfx.compress(model, losses, [batch], config)
     slim = dfx.slim(result)
@@ -235,7 +235,7 @@ def test_channel_dynamic_sparsity_with_a_task_no_mask_reaches():
     entry = ZOO_BY_NAME["mid_trunk_branch"]
     model = entry.build()
     data = entry.batches(2)
-    config = dfx.CompressConfig(sparsity=0.5, granularity="channel", num_batches=2, progress=False,
+    config = dfx.CompressConfig(sparsity=0.5, granularity="channel", num_batches=2, progress=False, round_to=1,
                                 criterion="taylor")
     result = dfx.compress(model, entry.task_losses, data, config)
     opt = torch.optim.SGD(result.model.parameters(), lr=1e-3)
@@ -251,7 +251,7 @@ def test_channel_dynamic_sparsity_with_a_task_no_mask_reaches():
 def test_export_onnx_of_a_reduced_precision_slim_model(dtype, tmp_path):
     entry = ZOO_BY_NAME["two_heads_dict"]
     data = [cast(b, dtype) for b in entry.batches(2)]
-    config = dfx.CompressConfig(sparsity=0.5, granularity="channel", num_batches=2, progress=False)
+    config = dfx.CompressConfig(sparsity=0.5, granularity="channel", num_batches=2, progress=False, round_to=1)
     slim = dfx.slim(dfx.compress(entry.build().to(dtype), entry.task_losses, data, config))
     dfx.export_onnx(slim, data[0]["input"], tmp_path / "slim.onnx")
 
