@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import traceback
-from typing import Any, Dict, Hashable, Iterable, Mapping, Optional
+from typing import Any, Dict, Hashable, Iterable, Mapping, Optional, Set
 
 import torch
 import torch.fx as fx
@@ -110,15 +110,19 @@ class _Tracer(fx.Tracer):
     """A symbolic tracer that records source lines, honours extra leaf modules and goes
     through torch's transformer layers (:data:`TRACED_THROUGH`)."""
 
-    def __init__(self, leaf_modules: Iterable[type] = ()):
+    def __init__(self, leaf_modules: Iterable[type] = (), record_stack_traces: bool = True):
         super().__init__()
-        self.record_stack_traces = True
+        self.record_stack_traces = record_stack_traces
         self._extra_leaves = tuple(leaf_modules)
+        self.traced_types: Set[type] = set()  # module classes whose forward was traced through
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._extra_leaves and isinstance(m, self._extra_leaves):
             return True
-        return super().is_leaf_module(m, module_qualified_name)
+        leaf = super().is_leaf_module(m, module_qualified_name)
+        if not leaf:
+            self.traced_types.add(type(m))
+        return leaf
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         through = TRACED_THROUGH.get(type(m))
@@ -160,7 +164,9 @@ def trace_model(
     name = model.__class__.__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     task_output_nodes(gm)
-    if _depends_on_mode(model, graph, leaf_modules, concrete_args):
+    # trace again in the other mode only if some traced code reads the mode
+    if _reads_mode(tracer.traced_types | {type(model)}) and \
+            _depends_on_mode(model, graph, leaf_modules, concrete_args):
         mode = "train" if model.training else "eval"
         log.warning(
             "%s computes differently in train and eval mode in a way torch.fx fixes at trace time "
@@ -171,13 +177,38 @@ def trace_model(
     return gm
 
 
+def _reads_mode(types: Iterable[type]) -> bool:
+    """Whether code of these module classes (methods, properties, nested functions) reads
+    an attribute named ``training``: only then can tracing depend on the train/eval mode
+    (leaf modules run at call time, so their reads do not count). A helper outside the
+    classes that reads a module's flag is not seen."""
+    for cls in types:
+        for klass in cls.__mro__:
+            if klass in (nn.Module, fx.GraphModule, object):
+                continue
+            for value in vars(klass).values():
+                if isinstance(value, property):
+                    value = value.fget
+                value = getattr(value, "__func__", value)  # static and class methods
+                code = getattr(value, "__code__", None)
+                if code is not None and _code_reads(code, "training"):
+                    return True
+    return False
+
+
+def _code_reads(code, name: str) -> bool:
+    if name in code.co_names:
+        return True
+    return any(_code_reads(c, name) for c in code.co_consts if hasattr(c, "co_names"))
+
+
 def _depends_on_mode(model: nn.Module, graph: fx.Graph, leaf_modules, concrete_args) -> bool:
     """Whether tracing ``model`` in the other train/eval mode gives other code (the mode
     was read as a Python bool during tracing). The model's modes are restored."""
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.train(not model.training)
-        other = _Tracer(leaf_modules).trace(model, concrete_args=concrete_args)
+        other = _Tracer(leaf_modules, record_stack_traces=False).trace(model, concrete_args=concrete_args)
     except Exception:  # noqa: BLE001 - the other mode need not trace; nothing to compare
         return False
     finally:
