@@ -278,31 +278,62 @@ class ChannelGroups:
 
 
 # ----------------------------------------------------------------------------- engine
-class _UnionFind:
-    __slots__ = ("parent",)
+class _Atoms:
+    """The atoms of the analysis and the classes ``unify`` makes of them.
+
+    Rules unify whole vectors of atoms at a time, so unions are kept as pending edge
+    vectors and merged in bulk (label propagation with pointer jumping over the classes
+    they touch) only when classes are read: :meth:`resolve` and :meth:`roots`. Every
+    class is represented by its smallest atom.
+    """
+
+    __slots__ = ("count", "_root", "_ea", "_eb")
 
     def __init__(self):
-        self.parent: List[int] = []
+        self.count = 0
+        self._root = torch.empty(0, dtype=torch.long)  # smallest atom of each atom's class
+        self._ea: List[torch.Tensor] = []
+        self._eb: List[torch.Tensor] = []
 
     def add(self, n: int) -> int:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
+        start = self.count
+        self.count += n
         return start
 
-    def find(self, a: int) -> int:
-        p = self.parent
-        while p[a] != a:
-            p[a] = p[p[a]]
-            a = p[a]
-        return a
+    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self._ea.append(a.reshape(-1))
+        self._eb.append(b.reshape(-1))
 
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            if ra < rb:
-                self.parent[rb] = ra
-            else:
-                self.parent[ra] = rb
+    def roots(self) -> torch.Tensor:
+        """The representative (smallest atom) of every atom's class."""
+        root = self._root
+        if root.numel() < self.count:
+            root = self._root = torch.cat([root, torch.arange(root.numel(), self.count, dtype=torch.long)])
+        if self._ea:
+            ea, eb = root[torch.cat(self._ea)], root[torch.cat(self._eb)]
+            self._ea, self._eb = [], []
+            keep = ea != eb
+            ea, eb = ea[keep], eb[keep]
+            if ea.numel():
+                # the classes these edges touch, numbered 0..k-1; label = smallest root
+                nodes, inv = torch.unique(torch.cat([ea, eb]), return_inverse=True)
+                ia, ib = inv[:ea.numel()], inv[ea.numel():]
+                lab = torch.arange(nodes.numel(), dtype=torch.long)
+                while True:
+                    m = torch.minimum(lab[ia], lab[ib])
+                    new = lab.scatter_reduce(0, ia, m, "amin").scatter_reduce_(0, ib, m, "amin")
+                    new = new[new]  # pointer jumping: labels only point to smaller, same-class ones
+                    if torch.equal(new, lab):
+                        break
+                    lab = new
+                # nodes are sorted, so the smallest index is the smallest root
+                remap = torch.arange(self.count, dtype=torch.long)
+                remap[nodes] = nodes[lab]
+                root = self._root = remap[root]
+        return root
+
+    def resolve(self, atoms: torch.Tensor) -> torch.Tensor:
+        return self.roots()[atoms]
 
 
 class RuleContext:
@@ -480,8 +511,7 @@ class RuleContext:
         return None
 
     def resolve(self, labels: torch.Tensor) -> torch.Tensor:
-        find = self._e.uf.find
-        return torch.tensor([find(a) for a in labels.tolist()], dtype=torch.long)
+        return self._e.atoms.resolve(labels)
 
     def same_as(self, x: TensorInfo) -> Labels:
         return Labels(dict(x.labels), lazy=dict(x.lazy))
@@ -500,6 +530,60 @@ class RuleContext:
         return None
 
 
+def _same_dtype(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> bool:
+    return all(t is None or t.dtype == x.dtype for t in tensors)
+
+
+def _linear_shape(m: nn.Linear, x: torch.Tensor) -> Optional[torch.Tensor]:
+    if x.dim() < 1 or x.shape[-1] != m.in_features or not _same_dtype(x, m.weight, m.bias):
+        return None
+    return torch.empty((*x.shape[:-1], m.out_features), dtype=x.dtype, device=x.device)
+
+
+def _layer_norm_shape(m: nn.LayerNorm, x: torch.Tensor) -> Optional[torch.Tensor]:
+    k = len(m.normalized_shape)
+    if x.dim() < k or tuple(x.shape[x.dim() - k:]) != tuple(m.normalized_shape) or \
+            not _same_dtype(x, m.weight, m.bias):
+        return None
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _batch_norm_shape(m: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> Optional[torch.Tensor]:
+    ranks = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}[type(m)]
+    if x.dim() not in ranks or x.shape[1] != m.num_features or m.running_mean is None or \
+            not _same_dtype(x, m.weight, m.bias, m.running_mean, m.running_var):
+        return None
+    return torch.empty_like(x)
+
+
+def _conv_shape(m: nn.modules.conv._ConvNd, x: torch.Tensor) -> Optional[torch.Tensor]:
+    n = len(m.kernel_size)
+    if x.dim() != n + 2 or x.shape[1] != m.in_channels or not _same_dtype(x, m.weight, m.bias):
+        return None
+    if isinstance(m.padding, str):
+        if m.padding != "valid":
+            return None  # "same"
+        padding = (0,) * n
+    else:
+        padding = m.padding
+    size = []
+    for i in range(n):
+        eff = m.dilation[i] * (m.kernel_size[i] - 1) + 1
+        full = x.shape[2 + i] + 2 * padding[i]
+        if full < eff:
+            return None  # the module raises
+        size.append((full - eff) // m.stride[i] + 1)
+    return torch.empty((x.shape[0], m.out_channels, *size), dtype=x.dtype, device=x.device)
+
+
+#: Modules whose fake output :meth:`_Analysis._shape_only` makes from the input's shape.
+_SHAPE_ONLY: Dict[type, Callable[[Any, torch.Tensor], Optional[torch.Tensor]]] = {
+    nn.Linear: _linear_shape, nn.LayerNorm: _layer_norm_shape,
+    nn.Conv1d: _conv_shape, nn.Conv2d: _conv_shape, nn.Conv3d: _conv_shape,
+    nn.BatchNorm1d: _batch_norm_shape, nn.BatchNorm2d: _batch_norm_shape, nn.BatchNorm3d: _batch_norm_shape,
+}
+
+
 class _Analysis(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, attention: str = "heads"):
         super().__init__(gm, garbage_collect_values=True)
@@ -510,7 +594,7 @@ class _Analysis(fx.Interpreter):
         self.norms: List[Tuple[str, str, int, None]] = []
         self.internals: Dict[str, Dict[str, torch.Tensor]] = {}
         self.attention_units: List[Tuple[str, str, torch.Tensor]] = []
-        self.uf = _UnionFind()
+        self.atoms = _Atoms()
         self.sources: List[List[Any]] = []  # [start, n, link]
         self.member_src: Dict[Tuple[str, int], int] = {}
         self.members: Dict[Tuple[str, int], torch.Tensor] = {}
@@ -536,15 +620,12 @@ class _Analysis(fx.Interpreter):
 
     # -- atoms
     def fresh(self, n: int, *, link: bool = True) -> torch.Tensor:
-        start = self.uf.add(n)
+        start = self.atoms.add(n)
         self.sources.append([start, n, link])
         return torch.arange(start, start + n, dtype=torch.long)
 
     def unify(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        union = self.uf.union
-        for x, y in zip(a.tolist(), b.tolist()):
-            if x != y:
-                union(x, y)
+        self.atoms.union(a, b)
 
     def tensor_of(self, name: str) -> Optional[torch.Tensor]:
         return self.tensors.get(self.alias.get(name, name))
@@ -579,7 +660,9 @@ class _Analysis(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         if self.fake_mode is not None:
             with self.fake_mode:  # only the op runs on fake tensors; rules use real ones
-                result = super().run_node(n)
+                result = self._shape_only(n) if n.op == "call_module" else None
+                if result is None:
+                    result = super().run_node(n)
         else:
             result = super().run_node(n)
         try:
@@ -590,6 +673,20 @@ class _Analysis(fx.Interpreter):
             raise UnsupportedOpError(
                 f"channel rule failed on {describe(n, self.module)}: {type(exc).__name__}: {exc}") from exc
         return result
+
+    def _shape_only(self, n: fx.Node) -> Optional[torch.Tensor]:
+        """The fake output of a Linear, convolution, LayerNorm or eval-mode BatchNorm made
+        from its input's shape, or None (run the module). On fake tensors these run as
+        decompositions into many small ops, which costs more than the rest of the
+        analysis; their output shapes are known."""
+        m = self.module.get_submodule(n.target)
+        shape_of = _SHAPE_ONLY.get(type(m))
+        if shape_of is None or len(n.args) != 1 or n.kwargs or not isinstance(n.args[0], fx.Node):
+            return None
+        x = self.env[n.args[0]]
+        if not isinstance(x, torch.Tensor) or m.training:
+            return None
+        return shape_of(m, x)
 
     def _analyse(self, n: fx.Node, result: Any) -> Any:
         if n.op == "placeholder":
@@ -695,42 +792,39 @@ class _Analysis(fx.Interpreter):
 
     # -- result
     def result(self, prunable: Optional[Callable[[str, nn.Parameter], bool]]) -> ChannelGroups:
-        n_atoms = len(self.uf.parent)
-        find = self.uf.find
-        root = torch.tensor([find(a) for a in range(n_atoms)], dtype=torch.long)
-        # channels of one vector (a conv's outputs ...) form one group: link the roots
-        comp = _UnionFind()
-        comp.add(n_atoms)
+        n_atoms = self.atoms.count
+        root = self.atoms.roots()
+        # channels of one vector (a conv's outputs ...) form one group: link the roots.
+        # Every atom comes from one source (a fresh() call), in order.
+        starts = torch.tensor([s[0] for s in self.sources], dtype=torch.long)
+        counts = torch.tensor([s[1] for s in self.sources], dtype=torch.long)
+        links = torch.tensor([bool(s[2]) for s in self.sources], dtype=torch.bool)
+        src = torch.repeat_interleave(torch.arange(len(self.sources)), counts)
+        linked_atom = links[src]
         linked = torch.zeros(n_atoms, dtype=torch.bool)
-        for start, cnt, link in self.sources:
-            if link and cnt:
-                rs = root[start:start + cnt].unique().tolist()
-                linked[rs] = True
-                for r in rs[1:]:
-                    comp.union(rs[0], r)
-        for start, cnt, link in self.sources:
-            if not link and cnt:
-                rs = root[start:start + cnt].unique()
-                rs = rs[~linked[rs]].tolist()
-                for r in rs[1:]:
-                    comp.union(rs[0], r)
+        linked[root[linked_atom]] = True
+        comp = _Atoms()
+        comp.add(n_atoms)
+        # a linked source: all its atoms' roots together
+        comp.union(root[starts[src[linked_atom]]], root[linked_atom])
+        # any other source: the roots no linked source took, together
+        free = ~linked_atom & ~linked[root]
+        free_root, free_src = root[free], src[free]
+        first = torch.full((len(self.sources),), n_atoms, dtype=torch.long)
+        first.scatter_reduce_(0, free_src, free_root, "amin")
+        comp.union(first[free_src], free_root)
+        comp_root = comp.roots()  # the smallest root of each root's component
         roots = root.unique()  # sorted; a root is its class's smallest atom
-        comp_of = {r: comp.find(r) for r in roots.tolist()}
-        by_comp: Dict[int, List[int]] = {}
-        for r in roots.tolist():  # ascending: channels in creation order
-            by_comp.setdefault(comp_of[r], []).append(r)
-        order = sorted(by_comp.values(), key=lambda rs: rs[0])
+        # groups in the order of their smallest root, channels in creation order
+        comp_of = comp_root[roots]
+        order = torch.argsort(comp_of * max(n_atoms, 1) + roots)
         gid_of_root = torch.full((n_atoms,), -1, dtype=torch.long)
-        group_of_gid: List[int] = []
-        offsets: List[int] = []
-        for g, rs in enumerate(order):
-            offsets.append(len(group_of_gid))
-            gid_of_root[torch.tensor(rs, dtype=torch.long)] = torch.arange(
-                len(group_of_gid), len(group_of_gid) + len(rs))
-            group_of_gid.extend([g] * len(rs))
+        gid_of_root[roots[order]] = torch.arange(roots.numel())
+        _, group_t, size_t = torch.unique_consecutive(comp_of[order], return_inverse=True, return_counts=True)
+        sizes = size_t.tolist()
+        offsets = (torch.cumsum(size_t, 0) - size_t).tolist()
         gid_of_atom = gid_of_root[root]
-        group_t = torch.tensor(group_of_gid, dtype=torch.long)
-        num_groups = len(order)
+        num_groups = len(sizes)
 
         def gids(lab: torch.Tensor) -> torch.Tensor:
             return gid_of_atom[lab]
@@ -739,9 +833,12 @@ class _Analysis(fx.Interpreter):
         members: List[List[GroupMember]] = [[] for _ in range(num_groups)]
         for (name, dim), lab in self.members.items():
             gl = gids(lab)
-            for g in group_t[gl].unique().tolist():
-                sel = group_t[gl] == g
-                index = torch.where(sel, gl - offsets[g], torch.full_like(gl, -1))
+            grp = group_t[gl]
+            in_groups = grp.unique().tolist()
+            for g in in_groups:
+                index = gl - offsets[g]
+                if len(in_groups) > 1:
+                    index = torch.where(grp == g, index, -1)
                 members[g].append(GroupMember(name, dim, index, name in self.buffer_names))
         # removability
         reasons: Dict[int, str] = {}
@@ -766,17 +863,25 @@ class _Analysis(fx.Interpreter):
         group_nodes: List[List[str]] = [[] for _ in range(num_groups)]
         pieces: Dict[Tuple[int, ...], None] = {}
 
+        known: Dict[int, Tuple[torch.Tensor, torch.Tensor, List[int]]] = {}  # id(atoms) -> their channels
+
+        def channels(lab: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+            hit = known.get(id(lab))
+            if hit is None or hit[0] is not lab:  # one atom vector is shared by many nodes
+                gl = gids(lab)
+                u = gl.unique()
+                pieces.setdefault(tuple(u.tolist()), None)
+                hit = known[id(lab)] = (lab, gl, group_t[u].unique().tolist())
+            return hit[1], hit[2]
+
         def convert(info, name):
             if isinstance(info, TensorInfo):
                 ch = {}
                 for d, lab in sorted(info.labels.items()):
-                    gl = gids(lab)
-                    ch[d] = gl
-                    u = gl.unique()
-                    for g in group_t[u].unique().tolist():
+                    ch[d], gs = channels(lab)
+                    for g in gs:
                         if not group_nodes[g] or group_nodes[g][-1] != name:
                             group_nodes[g].append(name)
-                    pieces.setdefault(tuple(u.tolist()), None)
                 return ch, info.shape
             if isinstance(info, Const):
                 if info.deps is not None:
@@ -795,21 +900,16 @@ class _Analysis(fx.Interpreter):
             node_channels[node.name] = ch
             node_shapes[node.name] = shp
 
-        sizes = [len(rs) for rs in order]
         keep_one_of: List[List[torch.Tensor]] = [[] for _ in range(num_groups)]
         nonempty: List[torch.Tensor] = []
         for key in pieces:
             u = torch.tensor(key, dtype=torch.long)
-            gs = group_t[u]
-            full = False
-            for g in gs.unique().tolist():
-                if int((gs == g).sum()) == sizes[g]:
-                    full = True
-                    break
-            if full:
-                continue
-            if bool((gs == gs[0]).all()):
-                keep_one_of[int(gs[0])].append(u - offsets[int(gs[0])])
+            in_groups, count = group_t[u].unique(return_counts=True)
+            if bool((count == size_t[in_groups]).any()):
+                continue  # holds a whole group, which keeps a channel anyway
+            if in_groups.numel() == 1:
+                g = int(in_groups[0])
+                keep_one_of[g].append(u - offsets[g])
             else:
                 nonempty.append(u)
 
