@@ -66,7 +66,44 @@ def summary_table(plan: Plan, *, tablefmt: str = "github") -> str:
     ]
     if unused:
         lines.append(f"unused parameters (reach no task output, never pruned): {', '.join(unused)}")
+    budget = budget_table(plan)
+    if budget is not None:
+        lines += ["", str(plan.budget), tabulate(budget[1], headers=budget[0], tablefmt=tablefmt, disable_numparse=True)]
+    fixed = fixed_groups_table(plan)
+    if fixed is not None:
+        lines += ["", "channel groups that cannot be pruned (they hold prunable parameters):",
+                  tabulate(fixed[1], headers=fixed[0], tablefmt=tablefmt, disable_numparse=True)]
     return "\n".join(lines)
+
+
+def budget_table(plan: Plan) -> Optional[Tuple[List[str], List[List[str]]]]:
+    """(headers, rows): parameters, FLOPs and latency before and after slimming, for a
+    channel plan (None for element plans)."""
+    if plan.budget is None:
+        return None
+    return ["quantity", "before", "after (slim)", "removed"], [list(r) for r in plan.budget.rows()]
+
+
+def fixed_groups_table(plan: Plan, most: int = 10) -> Optional[Tuple[List[str], List[List[str]]]]:
+    """(headers, rows): the channel groups holding prunable parameters that the graph pins,
+    largest first, with the reason (a task output, a graph input, a mixing op...)."""
+    if plan.channels is None:
+        return None
+    prunable = set(plan.prunable)
+    rows = []
+    for g in plan.channels.groups.groups:
+        held = sorted({m.param_name for m in g.members if m.param_name in prunable})
+        if g.removable or not held:
+            continue
+        rows.append((g.size, [str(g.id), str(g.size), ", ".join(held[:3]) + (" ..." if len(held) > 3 else ""),
+                              g.reason]))
+    if not rows:
+        return None
+    rows.sort(key=lambda r: -r[0])
+    out = [r for _, r in rows[:most]]
+    if len(rows) > most:
+        out.append(["...", "", f"{len(rows) - most} more", ""])
+    return ["group", "channels", "prunable parameters", "why fixed"], out
 
 
 # ----------------------------------------------------------------------------- full report
@@ -166,6 +203,13 @@ def _sections(result: "CompressionResult", example_inputs: Any, slim_model: Opti
     if unused:
         notes.append(f"unused parameters (reach no task output, never pruned): {', '.join(unused)}")
     sections = [("Per-layer", headers, rows), ("Totals", totals_headers, totals)]
+    budget = budget_table(plan)
+    if budget is not None:
+        notes.append(str(plan.budget))
+        sections.append(("Budget", *budget))
+    fixed = fixed_groups_table(plan)
+    if fixed is not None:
+        sections.append(("Fixed channel groups", *fixed))
     heads = attention_table(plan)
     if heads is not None:
         sections.append(("Attention heads", *heads))

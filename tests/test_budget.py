@@ -1,0 +1,214 @@
+"""Budgets: what `sparsity` counts (parameters, FLOPs, latency), hit after slimming, with
+the per-task unanimous rule intact and cost-aware channel choice."""
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import disparse_fx as dfx
+from disparse_fx.data import default_task_losses
+from disparse_fx.zoo import DEFAULT_TASKS, deeplab_resnet, multitask_from_torchvision
+from passes.flops import count_flops
+
+from .zoo import ZOO, outputs_by_task
+
+
+def deeplab_case(hw=32, n=2):
+    torch.manual_seed(0)
+    model = deeplab_resnet(DEFAULT_TASKS, size="tiny")
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input": torch.rand(4, 3, hw, hw, generator=gen),
+             "edge": (torch.rand(4, 1, hw, hw, generator=gen) > 0.9).float(),
+             "keypoint": torch.rand(4, 1, hw, hw, generator=gen),
+             "segment": torch.randint(0, DEFAULT_TASKS["segment"][1], (4, hw, hw), generator=gen),
+             "denoise": torch.rand(4, 3, hw, hw, generator=gen)} for _ in range(n)]
+    return model, default_task_losses(), data
+
+
+def torchvision_case(name, hw=32):
+    torch.manual_seed(0)
+    model = multitask_from_torchvision(name, {"seg": ("dense", 3), "cls": ("classify", 5), "reg": ("regress", 2)})
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input": torch.randn(2, 3, hw, hw, generator=gen), "seg": torch.randn(2, 3, hw, hw, generator=gen),
+             "cls": torch.randn(2, 5, generator=gen), "reg": torch.randn(2, 2, generator=gen)}]
+    losses = {t: (lambda t: lambda p, b: F.mse_loss(p, b[t]))(t) for t in ("seg", "cls", "reg")}
+    return model.eval(), losses, data
+
+
+def config(budget, sparsity=0.5, **kw):
+    return dfx.CompressConfig(sparsity=sparsity, granularity="channel", budget=budget, criterion="taylor",
+                              num_batches=kw.pop("num_batches", 1), progress=False, **kw)
+
+
+def assert_union_rule(plan):
+    for p in plan.prunable:
+        union = torch.stack([plan.task_masks[t][p] for t in plan.owners[p]]).any(0)
+        assert torch.equal(plan.masks[p], union), p
+    for gid, keep in plan.channels.keep.items():
+        votes = [tk[gid] for tk in plan.channels.task_keep.values() if gid in tk]
+        assert votes and torch.equal(torch.stack(votes).any(0), keep), gid
+
+
+def flops_removed(result, slim, x):
+    return 1 - count_flops(slim, (x,)).total / count_flops(result.model, (x,)).total
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
+def test_flops_budget_is_hit_after_slimming_on_the_deeplab_model(sparsity):
+    model, losses, data = deeplab_case()
+    result = dfx.compress(model, losses, data, config("flops", sparsity))
+    slim = dfx.slim(result)
+    x = data[0]["input"][:1]
+    removed = flops_removed(result, slim, x)
+    assert abs(removed - sparsity) <= 0.01, removed
+    budget = result.plan.budget
+    assert budget.kind == "flops" and abs(budget.achieved - removed) < 1e-9
+    assert budget.flops == (count_flops(result.model, (x,)).total, count_flops(slim, (x,)).total)
+    assert budget.params == (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in slim.parameters()))
+    assert_union_rule(result.plan)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_flops_budget_is_hit_on_torchvision_trunks(name):
+    model, losses, data = torchvision_case(name)
+    result = dfx.compress(model, losses, data, config("flops", round_to=8))
+    slim = dfx.slim(result)
+    removed = flops_removed(result, slim, data[0]["input"][:1])
+    assert abs(removed - 0.5) <= 0.01, removed
+    assert_union_rule(result.plan)
+    for keep in result.plan.channels.keep.values():
+        group_sizes = {g.id: g.size for g in result.plan.channels.groups.groups}
+    assert all(int(k.sum()) % 8 == 0 or int(k.sum()) == group_sizes[g] for g, k in result.plan.channels.keep.items())
+
+
+def test_a_flops_budget_removes_more_flops_than_a_parameter_budget():
+    """Parameters are cheapest in the late, low-resolution stages; FLOPs in the early ones:
+    at the same 50%, ranking by importance per FLOP saved removes far more compute."""
+    model, losses, data = torchvision_case("resnet18")
+    x = data[0]["input"][:1]
+    by_params = dfx.compress(model, losses, data, config("params"))
+    by_flops = dfx.compress(model, losses, data, config("flops"))
+    assert flops_removed(by_params, dfx.slim(by_params), x) < 0.3
+    assert flops_removed(by_flops, dfx.slim(by_flops), x) > 0.49
+
+
+class TwoStages(nn.Module):
+    """A full-resolution conv and a conv after 4x4 pooling, equally important per
+    parameter (equal weights): the first costs 16x the FLOPs per channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.early, self.late = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.a, self.b = nn.Conv2d(16, 2, 1), nn.Linear(16, 3)
+        with torch.no_grad():
+            for m in (self.early, self.late):
+                m.weight.fill_(0.1)
+
+    def forward(self, x):
+        h = self.early(x).relu()
+        g = self.late(F.avg_pool2d(h, 4)).relu()
+        return {"a": self.a(g), "b": self.b(g.mean((2, 3)))}
+
+
+def test_cost_aware_choice_removes_the_expensive_channels_first():
+    model = TwoStages()
+    data = [{"input": torch.randn(2, 3, 16, 16), "a": torch.randn(2, 2, 4, 4), "b": torch.randn(2, 3)}]
+    losses = {"a": lambda p, b: F.mse_loss(p, b["a"]), "b": lambda p, b: F.mse_loss(p, b["b"])}
+    cfg = dict(granularity="channel", criterion="magnitude", num_batches=1, progress=False, sparsity=0.3)
+    flops = dfx.compress(model, losses, data, dfx.CompressConfig(budget="flops", **cfg)).plan
+    params = dfx.compress(model, losses, data, dfx.CompressConfig(budget="params", **cfg)).plan
+    kept = {n: {p: float(plan.masks[f"{p}.weight"].any(dim=(1, 2, 3)).float().mean()) for p in ("early", "late")}
+            for n, plan in (("flops", flops), ("params", params))}
+    assert kept["flops"]["early"] < kept["flops"]["late"], kept  # cut where the FLOPs are
+    assert kept["flops"]["early"] < kept["params"]["early"], kept
+
+
+@pytest.mark.parametrize("budget", ["flops", "latency"])
+@pytest.mark.parametrize("entry", [e for e in ZOO if e.name in ("two_heads_dict", "mid_trunk_branch", "residual_concat")],
+                         ids=lambda e: e.name)
+def test_unanimous_rule_and_parity_under_every_budget(entry, budget, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISPARSE_FX_CACHE", str(tmp_path))
+    model = entry.build()
+    result = dfx.compress(model, entry.task_losses, entry.batches(2), dfx.CompressConfig(
+        sparsity=0.3, granularity="channel", budget=budget, num_batches=2, progress=False, best_effort=True),
+        inputs=entry.inputs)
+    assert_union_rule(result.plan)
+    slim = dfx.slim(result)  # parity is checked inside
+    x = entry.batches(1, seed=5)[0]
+    x = entry.inputs(x) if entry.inputs else x["input"] if isinstance(x, dict) else x[0]
+    a, b = outputs_by_task(result.model.eval()(x)), outputs_by_task(slim.eval()(x))
+    assert a.keys() == b.keys()
+
+
+def test_latency_budget_hits_its_modelled_target_and_caches_the_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISPARSE_FX_CACHE", str(tmp_path))
+    model, losses, data = deeplab_case()
+    # a tiny model: per-op dispatch is a large fixed part of its time (at most ~25% can go), so aim at 20%
+    result = dfx.compress(model, losses, data, config("latency", 0.2, latency_time_limit_s=60, round_to=1))
+    budget = result.plan.budget
+    assert budget.kind == "latency" and abs(budget.achieved - 0.2) <= 0.01
+    before, after = budget.latency_ms
+    assert before > 0 and abs((1 - after / before) - budget.achieved) < 1e-9
+    assert "layers measured on cpu" in budget.note
+    cached = list(tmp_path.glob("latency-*.json"))
+    assert len(cached) == 1
+    # a second compress of the same architecture measures no layer again
+    from disparse_fx import latency_model
+
+    def no_timing(*a, **k):
+        raise AssertionError("the table should come from the cache")
+
+    monkeypatch.setattr(latency_model._Table, "_time", no_timing)
+    again = dfx.compress(model, losses, data, config("latency", 0.2, latency_time_limit_s=60, round_to=1,
+                                                     best_effort=True))
+    assert again.plan.budget.kind == "latency"
+    assert_union_rule(again.plan)
+
+
+class PinnedResidual(nn.Module):
+    """The only removable channels (an MLP's hidden units) hold a third of the weights:
+    a hand-written RMS norm pins the residual width, the vocabulary head its rows."""
+
+    def __init__(self, C=32, V=500):
+        super().__init__()
+        self.emb, self.fc1, self.fc2 = nn.Embedding(V, C), nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+        self.lm, self.cls = nn.Linear(C, V), nn.Linear(C, 2)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + self.fc2(F.gelu(self.fc1(h)))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return {"lm": self.lm(h), "cls": self.cls(h[:, -1])}
+
+
+def test_an_unreachable_target_raises_naming_the_most_reachable_and_the_pinned_groups(caplog):
+    torch.manual_seed(0)
+    data = [{"input": torch.randint(0, 500, (4, 12)), "y": torch.randint(0, 2, (4,))} for _ in range(2)]
+    losses = {"lm": lambda p, b: F.cross_entropy(p[:, :-1].reshape(-1, 500), b["input"][:, 1:].reshape(-1)),
+              "cls": lambda p, b: F.cross_entropy(p, b["y"])}
+    cfg = dict(sparsity=0.5, granularity="channel", num_batches=2, progress=False)
+    model = PinnedResidual()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(dfx.TargetUnreachableError) as err:
+        dfx.compress(model, losses, data, dfx.CompressConfig(**cfg))
+    msg = str(err.value)
+    most = float(msg.split("removes at most ")[1].split()[0])
+    assert 0.2 < most < 0.5
+    assert "reaches task output 'lm'" in msg and "best_effort=True" in msg
+    assert isinstance(err.value, ValueError)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with caplog.at_level(logging.WARNING, logger="disparse_fx"):
+        result = dfx.compress(model, losses, data, dfx.CompressConfig(best_effort=True, **cfg))
+    assert abs(result.plan.sparsity - most) < 1e-4  # the message rounds to 4 places
+    assert any("cannot be reached" in r.message for r in caplog.records)
+
+
+def test_summary_shows_the_budget_before_and_after():
+    model, losses, data = deeplab_case()
+    result = dfx.compress(model, losses, data, config("flops"))
+    text = result.summary()
+    assert "budget flops" in text and "FLOPs / sample" in text and "parameters" in text
+    assert math.isclose(result.plan.budget.target, 0.5)
