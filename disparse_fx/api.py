@@ -22,10 +22,13 @@ from .budget import budget_model, budget_report
 from .channel_decision import decide_channels
 from .config import CompressConfig, default_round_to
 from .decision import decide
-from .errors import DisparseValueError, NoPrunableParametersError, NotEnoughBatchesError, TaskMismatchError
+from .errors import (DisparseValueError, InputError, NoPrunableParametersError, NotEnoughBatchesError,
+                     TaskMismatchError)
 from .importance import default_inputs, estimate_importance, model_inputs
 from .plan import Plan
 from .result import CompressionResult
+from .validate import (check_data, check_example, check_loss_functions, check_model_tensors, check_outputs,
+                       explain_input_error, guard_losses)
 
 __all__ = ["compress", "slim"]
 
@@ -67,14 +70,20 @@ def compress(
     if inputs is not None and not callable(inputs):
         raise DisparseValueError(f"inputs must be a callable batch -> model input(s), got {type(inputs).__name__}")
 
+    check_data(data)
+    check_loss_functions(task_losses)
+    check_model_tensors(model)
+
     gm = trace_model(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    check_outputs(gm, task_losses, config.needs_data)
     ownership = analyze_ownership(gm, reference=model)
-    losses = _match_task_losses(task_losses, ownership.tasks)
+    losses = guard_losses(_match_task_losses(task_losses, ownership.tasks))
 
     prunable = _select_prunable(gm, model, ownership.owners, config)
     inputs = inputs or default_inputs
     first, data = _peek(data)
-    example = None if first is None else model_inputs(inputs, first, 0)
+    example = None if first is None else check_example(gm, model, model_inputs(inputs, first, 0),
+                                                       trial=config.granularity == "channel")
     groups = None
     if config.granularity == "channel":
         if example is None:
@@ -88,15 +97,21 @@ def compress(
                         "non-prunable parameters", t)
     domains = {t: d for t, d in domains.items() if d}
 
-    scores = estimate_importance(
-        gm,
-        domains=domains,
-        params={p: params[p] for p in prunable},
-        task_losses=losses,
-        data=data,
-        inputs=inputs,
-        config=config,
-    )
+    try:
+        scores = estimate_importance(
+            gm,
+            domains=domains,
+            params={p: params[p] for p in prunable},
+            task_losses=losses,
+            data=data,
+            inputs=inputs,
+            config=config,
+        )
+    except InputError as exc:
+        error = explain_input_error(exc, gm, example)
+        if error is exc:
+            raise
+        raise error from exc.__cause__
     shapes = {p: params[p].shape for p in prunable}
     channels = budget = None
     if groups is None:
