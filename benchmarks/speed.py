@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import math
 import pathlib
 import sys
 import tempfile
@@ -106,6 +107,19 @@ def build_native(dense: nn.Module, slim: nn.Module) -> nn.Module:
     return native.eval()
 
 
+def add_native(variants, notes, key, dense, compact, x1, **info) -> None:
+    """variants[key with 'slim' -> 'native'] = the native twin of ``compact``, checked."""
+    try:
+        native = build_native(dense, compact)
+        with torch.no_grad():
+            diff = _max_diff(native(x1), compact(x1))
+        if not diff < 1e-3:
+            raise NativeError(f"native output differs from slim by {diff:.1e} (relative)")
+        variants[key.replace("slim", "native", 1)] = dict(model=native, diff=diff, **info)
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        notes[key] = f"native not built: {type(exc).__name__}: {exc}"
+
+
 def _max_diff(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max() / (b[k].abs().max() + 1e-12)) for k in b)
 
@@ -128,17 +142,14 @@ def bench_model(name: str, args, tmp: pathlib.Path) -> List[dict]:
             key = f"slim {sp:.0%} r{rt}"
             variants[key] = dict(model=compact, sparsity=result.plan.sparsity, round_to=rt, compress_s=t_compress)
             if args.native:
-                try:
-                    native = build_native(dense, compact)
-                    with torch.no_grad():
-                        diff = _max_diff(native(x1), compact(x1))
-                    if not diff < 1e-3:
-                        raise NativeError(f"native output differs from slim by {diff:.1e} (relative)")
-                    variants[f"native {sp:.0%} r{rt}"] = dict(model=native, sparsity=result.plan.sparsity,
-                                                              round_to=rt, diff=diff)
-                except Exception as exc:  # noqa: BLE001 - reported in the table
-                    notes[key] = f"native not built: {type(exc).__name__}: {exc}"
+                add_native(variants, notes, key, dense, compact, x1, sparsity=result.plan.sparsity, round_to=rt)
             print(f"{name} {key}: sparsity {result.plan.sparsity:.3f}, compress+slim {t_compress:.1f} s", flush=True)
+    return measure_variants(name, variants, notes, args, tmp, x1, x8)
+
+
+def measure_variants(name, variants, notes, args, tmp, x1, x8) -> List[dict]:
+    """Parameters, FLOPs and interleaved CPU latencies (PyTorch, onnxruntime; batch 1 and 8)
+    of every variant; speed-ups against "dense", slim against its "native" twin."""
     rows = []
     for key, v in variants.items():
         m = v["model"]
@@ -163,7 +174,8 @@ def bench_model(name: str, args, tmp: pathlib.Path) -> List[dict]:
     d = variants["dense"]
     for key, v in variants.items():
         row = dict(model=name, variant=key, sparsity=v["sparsity"], round_to=v["round_to"], params=v["params"],
-                   flops=v["flops"], flops_reduction=d["flops"] / v["flops"], note=notes.get(key, ""))
+                   flops=v["flops"], flops_reduction=d["flops"] / v["flops"], note=notes.get(key, ""),
+                   budget_removed=v.get("budget_removed"))
         for rt in ("torch", "ort"):
             for bs in (1, 8):
                 t = lat[bs].get((rt, key))
@@ -173,6 +185,189 @@ def bench_model(name: str, args, tmp: pathlib.Path) -> List[dict]:
                 row[f"{rt}{bs}_vs_native"] = (t / nat) if (t and nat and key.startswith("slim")) else None
         rows.append(row)
     return rows
+
+
+# ----------------------------------------------------------------------------- budgets
+BUDGET_MODELS = ["resnet50", "mobilenet_v3_large", "convnext_tiny", "vit_b_16", "deeplab-small"]
+#: The 3-task model of the budget issue: a per-pixel head, a classifier and a regressor.
+BUDGET_TASKS = {"seg": ("dense", 5), "cls": ("classify", 10), "reg": ("regress", 3)}
+
+
+def build_budget_model(name: str, size: int) -> nn.Module:
+    torch.manual_seed(0)
+    if name.startswith("deeplab-"):
+        return deeplab_resnet(DEFAULT_TASKS, size=name.split("-", 1)[1]).eval()
+    kwargs = {"image_size": size} if name.startswith("vit_") else {}
+    return multitask_from_torchvision(name, BUDGET_TASKS, **kwargs).eval()
+
+
+def output_layers(result) -> List[str]:
+    """Modules whose output channels are a task output (the heads' last layers)."""
+    names = set()
+    for g in result.plan.channels.groups.groups:
+        if g.reason.startswith("reaches task output"):
+            names |= {m.param_name.rsplit(".", 1)[0] for m in g.members if m.dim == 0 and not m.is_buffer
+                      and m.param_name.endswith(".weight")}
+    return sorted(names)
+
+
+def uniform_width(dense, result, target_flops: float, x1, round_to: int = 8):
+    """Every removable channel group cut to one common kept fraction (first channels in
+    index order, counts rounded to ``round_to``), the fraction bisected to ``target_flops``."""
+    from passes.channel_costs import flop_cost_model
+    from passes.insert_channel_masks import insert_channel_masks
+    from passes.slim import slim_channels
+
+    groups = result.plan.channels.groups
+    gm = trace_model(dense)
+    costs = flop_cost_model(gm, groups, (x1,))
+
+    def keep_at(f: float):
+        keep = {}
+        for g in groups.removable_groups():
+            k = torch.zeros(g.size, dtype=torch.bool)
+            n = max(1, min(g.size, -(-int(math.ceil(f * g.size)) // round_to) * round_to))
+            k[:n] = True
+            for piece in g.keep_one_of:
+                if not bool(k[piece].any()):
+                    k[piece[0]] = True
+            keep[g.id] = k
+        return keep
+
+    lo, hi = 0.0, 1.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        if float(costs.cost(groups.keep_vector(keep_at(mid)).double())) > target_flops:
+            hi = mid
+        else:
+            lo = mid
+    keep = keep_at(lo)
+    return slim_channels(insert_channel_masks(gm, groups, keep), groups, keep).eval(), lo
+
+
+def torch_pruning_at(dense, result, target_flops: float, x1, round_to: int = 8):
+    """Torch-Pruning 1.6: global group-L2 magnitude (the summed model: no per-task view),
+    iterative steps of 2% until the FLOPs (passes.flops) reach ``target_flops``; the
+    heads' output layers ignored. Returns (model, flops) or raises."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(dense).eval()
+    ignored = [model.get_submodule(n) for n in output_layers(result)]
+    steps = 45
+    pruner = tp.pruner.MetaPruner(model, x1, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  global_pruning=True, pruning_ratio=0.9, iterative_steps=steps,
+                                  ignored_layers=ignored, round_to=round_to)
+    flops = count_flops(trace_model(model), (x1,)).total
+    for _ in range(steps):
+        if flops <= target_flops:
+            break
+        pruner.step()
+        flops = count_flops(trace_model(model), (x1,)).total
+    return model.eval(), flops
+
+
+def bench_budgets(name: str, args, tmp: pathlib.Path) -> List[dict]:
+    """dense; slim at a params / FLOPs / latency budget (round_to 8) and their native
+    twins; uniform width and Torch-Pruning at the FLOPs-budget model's FLOPs."""
+    dense = build_budget_model(name, args.size)
+    gen = torch.Generator().manual_seed(0)
+    x1 = torch.randn(1, 3, args.size, args.size, generator=gen)
+    x8 = torch.randn(8, 3, args.size, args.size, generator=gen)
+    with torch.no_grad():
+        tasks = list(dense(x1))
+    losses = {t: (lambda p, b: p.float().mean()) for t in tasks}  # magnitude is data-free
+    variants = {"dense": dict(model=dense, sparsity=0.0, round_to=None)}
+    notes: Dict[str, str] = {}
+    flops_result = None
+    for budget in args.budgets:
+        cfg = dfx.CompressConfig(sparsity=args.target, budget=budget, criterion="magnitude", granularity="channel",
+                                 round_to=8, num_batches=1, progress=False)
+        example = x8 if budget == "latency" else x1  # the latency table is for the batch it will run
+        t0 = time.perf_counter()
+        result = dfx.compress(dense, losses, [{"input": example}], cfg)
+        compact = dfx.slim(result).eval()
+        t_compress = time.perf_counter() - t0
+        key = f"slim {budget} {args.target:.0%}"
+        b = result.plan.budget
+        variants[key] = dict(model=compact, sparsity=result.plan.sparsity, round_to=8, budget_removed=b.achieved)
+        notes[key] = (f"compress+slim {t_compress:.0f} s; planned {budget} removed {b.achieved:.3f}"
+                      + (f"; modelled b8 latency {b.latency_ms[0]:.1f} -> {b.latency_ms[1]:.1f} ms" if b.latency_ms else ""))
+        if args.native:
+            add_native(variants, notes, key, dense, compact, x1, sparsity=result.plan.sparsity, round_to=8)
+        if budget == "flops":
+            flops_result = result
+        print(f"{name} {key}: {notes[key]}", flush=True)
+    if flops_result is not None:
+        target = count_flops(variants[f"slim flops {args.target:.0%}"]["model"], (x1,)).total
+        uniform, frac = uniform_width(dense, flops_result, target, x1)
+        variants["uniform width"] = dict(model=uniform, sparsity=float("nan"), round_to=8)
+        notes["uniform width"] = f"every group kept at {frac:.3f} (index order), same FLOPs as the FLOPs budget"
+        if args.peers:
+            try:
+                t0 = time.perf_counter()
+                peer, _ = torch_pruning_at(dense, flops_result, target, x1)
+                variants["torch-pruning"] = dict(model=peer, sparsity=float("nan"), round_to=8)
+                notes["torch-pruning"] = (f"Torch-Pruning {_tp_version()} global group magnitude, iterative, round_to 8, "
+                                          f"to the FLOPs budget's FLOPs ({time.perf_counter() - t0:.0f} s)")
+            except Exception as exc:  # noqa: BLE001 - reported in the table
+                notes["torch-pruning"] = f"Torch-Pruning failed: {type(exc).__name__}: {str(exc)[:160]}"
+                print(f"{name}: {notes['torch-pruning']}", flush=True)
+    rows = measure_variants(name, variants, notes, args, tmp, x1, x8)
+    for key in notes:  # notes of variants that did not run
+        if key not in variants and not any(r["variant"] == key for r in rows):
+            rows.append(dict(model=name, variant=key, sparsity=float("nan"), round_to=None, params=0, flops=0,
+                             flops_reduction=None, note=notes[key], budget_removed=None))
+    return rows
+
+
+def _tp_version() -> str:
+    try:
+        import torch_pruning as tp
+
+        return tp.__version__
+    except ImportError:  # pragma: no cover
+        return "(absent)"
+
+
+def budget_table(rows: List[dict], onnx: bool) -> str:
+    out = []
+    for r in rows:
+        if r["flops_reduction"] is None:
+            out.append([r["model"], r["variant"]] + [""] * (9 + (4 if onnx else 0)) + [r["note"]])
+            continue
+        line = [r["model"], r["variant"], f"{r['params'] / 1e6:.2f}", f"{r['flops'] / 1e9:.3f}",
+                _x(r["flops_reduction"]), _ms(r["torch1"]), _ms(r["torch8"]), _x(r["torch1_speedup"]),
+                _x(r["torch8_speedup"])]
+        if onnx:
+            line += [_ms(r["ort1"]), _ms(r["ort8"]), _x(r["ort1_speedup"]), _x(r["ort8_speedup"])]
+        line += [" / ".join(f"{r[k]:.3f}" for k in ("torch1_vs_native", "torch8_vs_native", "ort1_vs_native",
+                                                      "ort8_vs_native") if r.get(k) is not None),
+                 "" if r.get("budget_removed") is None else f"{r['budget_removed']:.3f}", r["note"]]
+        out.append(line)
+    headers = ["model", "variant", "params M", "GFLOPs/img", "FLOPs red.", "torch b1 ms", "torch b8 ms",
+               "torch b1 speed-up", "torch b8 speed-up"]
+    if onnx:
+        headers += ["ort b1 ms", "ort b8 ms", "ort b1 speed-up", "ort b8 speed-up"]
+    headers += ["slim / native (torch b1 / b8 / ort b1 / b8)", "planned removed", "note"]
+    return tabulate(out, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def budget_summary(rows: List[dict], target: float) -> str:
+    lines = []
+    ratios = [r[k] for r in rows for k in ("torch1_vs_native", "torch8_vs_native", "ort1_vs_native", "ort8_vs_native")
+              if r.get(k) is not None]
+    if ratios:
+        lines.append(f"- slim within 5% of native: {sum(v <= 1.05 for v in ratios)} of {len(ratios)} cells")
+    slower = [(r["model"], r["variant"], k) for r in rows if r["variant"] != "dense" and r["flops_reduction"]
+              for k in ("torch1", "torch8", "ort1", "ort8") if r.get(f"{k}_speedup") and r[f"{k}_speedup"] < 1.0]
+    lines.append(f"- cells where a compact model is slower than its dense model: {len(slower)}"
+                 + (f" ({'; '.join(' '.join(s) for s in slower[:8])})" if slower else ""))
+    for r in rows:
+        if r["variant"].startswith("slim ") and r["flops_reduction"]:
+            lines.append(f"- {r['model']}, {r['variant']}: FLOPs {r['flops_reduction']:.2f}x fewer; speed-up "
+                         f"PyTorch b1 {_x(r['torch1_speedup'])}, b8 {_x(r['torch8_speedup'])}; onnxruntime b1 "
+                         f"{_x(r.get('ort1_speedup'))}, b8 {_x(r.get('ort8_speedup'))}")
+    return "\n".join(lines) + "\n"
 
 
 def _ms(v):
@@ -270,6 +465,12 @@ def main(argv=None):
     ap.add_argument("--no-onnx", dest="onnx", action="store_false")
     ap.add_argument("--no-native", dest="native", action="store_false")
     ap.add_argument("--full", action="store_true")
+    ap.add_argument("--budgets", nargs="*", default=None, choices=["params", "flops", "latency"],
+                    help="instead of the sparsity sweep: 3-task models at a --target budget of each kind "
+                         "(default all three), with uniform width and Torch-Pruning at the same FLOPs; writes "
+                         "speed_budget.md")
+    ap.add_argument("--target", type=float, default=0.5, help="budget target (fraction removed)")
+    ap.add_argument("--no-peers", dest="peers", action="store_false", help="skip the Torch-Pruning row")
     ap.add_argument("--smoke", action="store_true", help="tiny configuration (seconds; used by the tests)")
     ap.add_argument("--out", type=pathlib.Path, default=None)
     _common.add_threads_argument(ap)
@@ -279,6 +480,8 @@ def main(argv=None):
     args.rounds = args.rounds or (15 if args.full else 5)
     if args.smoke:
         args.models, args.sparsities, args.round_to, args.size, args.rounds = ["deeplab-tiny"], [0.5], [1, 8], 32, 2
+    if args.budgets is not None:
+        return budget_main(args)
     out = _common.out_path(args.out, args.smoke, "speed.md")
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     rows: List[dict] = []
@@ -300,6 +503,36 @@ def main(argv=None):
         png = out.with_suffix(".png")
         plot(rows, png, args.onnx)
         text += f"\n![speed-up against FLOPs reduction]({png.name})\n"
+    _common.write(out, text)
+    return 0
+
+
+def budget_main(args) -> int:
+    args.budgets = args.budgets or ["params", "flops", "latency"]
+    if args.models == MODELS:
+        args.models = BUDGET_MODELS
+    if args.smoke:
+        args.models, args.size, args.rounds = ["deeplab-tiny"], 32, 2
+    out = _common.out_path(args.out, args.smoke, "speed_budget.md")
+    started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    rows: List[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            t0 = time.perf_counter()
+            rows += bench_budgets(name, args, pathlib.Path(tmp))
+            print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    extra = [f"models: {', '.join(args.models)} (torchvision trunks: tasks {BUDGET_TASKS}; DeepLab: "
+             f"{list(DEFAULT_TASKS)}); input {args.size}x{args.size}; budgets {args.budgets} at {args.target:.0%} "
+             f"removed, criterion magnitude, round_to 8; the latency budget's table is measured at batch 8",
+             f"latency: {args.rounds} interleaved rounds after {args.warmup} warm-up round(s), median per call; "
+             f"PyTorch eager (no_grad, eval) and onnxruntime CPU, both with {args.threads} thread(s)",
+             "speed-up = dense latency / variant latency; FLOPs red. = dense FLOPs / variant FLOPs (passes.flops); "
+             "slim / native = slim latency / the same widths built natively (<= 1.05: within 5%); planned removed "
+             "= the fraction of the budget quantity the plan removes (for latency: of the modelled PyTorch batch-8 "
+             "time)"]
+    text = _common.header("Speed at a parameter, FLOPs and latency budget (CPU)", extra, started=started)
+    text += "## Summary\n\n" + budget_summary(rows, args.target) + "\n## All measurements\n\n"
+    text += budget_table(rows, args.onnx) + "\n"
     _common.write(out, text)
     return 0
 
