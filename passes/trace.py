@@ -141,8 +141,9 @@ def trace_model(
 
     The returned GraphModule shares its submodules and parameters with ``model`` (as
     ``torch.fx.symbolic_trace`` does); callers that will modify it copy it first.
-    Raises :class:`TraceError` naming the failing module and source line, with the two
-    usual remedies (mark the module a leaf, or pass ``concrete_args``).
+    Raises :class:`TraceError` naming the failing module and source line, with the
+    remedy that fits the failure (unpack a fixed number of values when a traced tensor
+    was iterated; ``concrete_args`` or a leaf module for data-dependent control flow).
     """
     if isinstance(model, fx.GraphModule):
         task_output_nodes(model)  # validates the output structure
@@ -157,9 +158,7 @@ def trace_model(
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}"
             + (f"\n  failing code: {where}" if where else "")
-            + "\n  what to do: mark the module whose forward has data-dependent control flow"
-            " as a leaf (leaf_modules=(ThatModule,)), or fix input-dependent arguments with"
-            " concrete_args={'flag': value}."
+            + "\n  what to do: " + _trace_advice(exc)
         ) from exc
     name = model.__class__.__name__
     gm = fx.GraphModule(tracer.root, graph, name)
@@ -175,6 +174,28 @@ def trace_model(
             "mode it will run in.", name, mode)
     log.debug("traced %s:\n%s", name, _LazyCode(gm))
     return gm
+
+
+# (what the tracer's message says, what to do): the first match wins; the last is the default
+_TRACE_ADVICE = (
+    ("cannot be iterated",
+     "a traced tensor was iterated (list(...), a for loop, *args, or unpacking into a number of names the "
+     "tracer cannot know). Unpack a fixed number of values instead: a, b = x.chunk(2, 1) (then y = [a, b]), "
+     "or index x.chunk(2, 1)[0]. Marking the module a leaf also traces, but its weights are then not pruned."),
+    ("cannot be used as inputs to control flow",
+     "an if/while or bool() reads a traced tensor (data-dependent control flow). Fix input-dependent flags with "
+     "concrete_args={'flag': value}, or move the branch into a submodule and mark it a leaf "
+     "(leaf_modules=(ThatModule,)); a leaf's weights are not pruned."),
+    ("",
+     "mark the module whose forward has data-dependent control flow as a leaf (leaf_modules=(ThatModule,); "
+     "its weights are then not pruned), or fix input-dependent arguments with concrete_args={'flag': value}."),
+)
+
+
+def _trace_advice(exc: BaseException) -> str:
+    """The remedy that fits the tracer's failure (see _TRACE_ADVICE)."""
+    text = str(exc)
+    return next(advice for pattern, advice in _TRACE_ADVICE if pattern in text)
 
 
 def _reads_mode(types: Iterable[type]) -> bool:

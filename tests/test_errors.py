@@ -199,6 +199,25 @@ def test_untraceable_model_names_line_and_remedy():
     assert "leaf_modules" in msg and "concrete_args" in msg
 
 
+def test_trace_advice_fits_the_failure():
+    """Iterating a traced tensor (ultralytics' list(x.chunk(2, 1))) gets the fix that keeps
+    the weights prunable - unpack a fixed number - not the leaf-module advice."""
+    class Chunks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 8)
+
+        def forward(self, x):
+            y = list(self.fc(x).chunk(2, 1))
+            return {"a": y[0], "b": y[1]}
+
+    with pytest.raises(dfx.TraceError) as info:
+        dfx.compress(Chunks(), {"a": None, "b": None}, [])
+    advice = str(info.value).split("what to do:")[1]
+    assert "list(self.fc(x).chunk(2, 1))" in str(info.value)
+    assert "a, b = x.chunk(2, 1)" in advice and "not pruned" in advice and "concrete_args" not in advice
+
+
 def test_output_is_not_tasks():
     class Scalarish(nn.Module):
         def __init__(self):
