@@ -117,6 +117,7 @@ class ConfigOption:
     help: str
     type: Optional[Callable[[str], Any]] = None
     choices: Optional[Sequence[str]] = None
+    action: Optional[str] = None
 
     @property
     def flag(self) -> str:
@@ -132,14 +133,23 @@ class ConfigOption:
             kwargs["choices"] = tuple(self.choices)
         if self.type is not None:
             kwargs["type"] = self.type
+        if self.action is not None:
+            kwargs["action"] = self.action
         parser.add_argument(self.flag, **kwargs)
 
 
 def _config_options() -> Tuple[ConfigOption, ...]:
-    from .config import ATTENTION, CRITERIA, GRANULARITIES
+    from .config import ATTENTION, BUDGETS, CRITERIA, GRANULARITIES
 
     return (
-        ConfigOption("sparsity", "fraction of prunable parameters removed, in [0, 1)", type=float),
+        ConfigOption("sparsity", "fraction removed, in [0, 1), of what --budget counts", type=float),
+        ConfigOption("budget", "what --sparsity counts (channel granularity for flops / latency): prunable "
+                               "parameters, FLOPs per sample, or forward latency on the model's device "
+                               "(a per-layer table measured once and cached)", choices=BUDGETS),
+        ConfigOption("round_to", "channel granularity: kept channel counts are multiples of it "
+                                 "(default: 8 on CUDA, for 16-bit weights and a latency budget, else 1)", type=int),
+        ConfigOption("best_effort", "accept the most that can be removed when the target cannot be reached "
+                                    "(default: an error naming what pins the rest)", action="store_true"),
         ConfigOption("granularity", "prune single weights or whole channels", choices=GRANULARITIES),
         ConfigOption("criterion", "importance score: snip (at initialisation), taylor (trained models), "
                                   "magnitude or random (no data needed)", choices=CRITERIA),

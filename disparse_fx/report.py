@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import logging
 import pathlib
+import re
 from typing import TYPE_CHECKING, Any, Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -95,8 +96,10 @@ def fixed_groups_table(plan: Plan, most: int = 10) -> Optional[Tuple[List[str], 
         held = sorted({m.param_name for m in g.members if m.param_name in prunable})
         if g.removable or not held:
             continue
+        # source files by base name: the table reads the same before and after save/load
+        reason = re.sub(r'File "([^"]*)"', lambda m: f'File "{pathlib.PurePath(m.group(1)).name}"', g.reason)
         rows.append((g.size, [str(g.id), str(g.size), ", ".join(held[:3]) + (" ..." if len(held) > 3 else ""),
-                              g.reason]))
+                              reason]))
     if not rows:
         return None
     rows.sort(key=lambda r: -r[0])

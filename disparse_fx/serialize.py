@@ -293,11 +293,12 @@ def _config_type():
 def _dataclass_types() -> Dict[str, type]:
     from passes.channel_groups import ChannelGroup, ChannelGroups, Contraction, GroupMember
 
+    from .budget import BudgetReport
     from .channel_decision import ChannelPlan
     from .plan import Plan
 
     return {_qualname(c): c for c in (Plan, _config_type(), ChannelPlan, ChannelGroups, ChannelGroup, GroupMember,
-                                       Contraction)}
+                                       Contraction, BudgetReport)}
 
 
 class _Encoder:
