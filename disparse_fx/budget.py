@@ -56,7 +56,10 @@ class BudgetReport:
 
     def __str__(self) -> str:
         head = f"budget {self.kind}: target {self.target:.2%} removed, achieved {self.achieved:.2%}"
-        body = "; ".join(f"{q} {b} -> {a}" + (f" (-{r})" if r else "") for q, b, a, r in self.rows())
+        body = "; ".join(f"{q} {b} -> {a}" + (f" (-{r})" if r else "") for q, b, a, r in self.rows()
+                         if self.latency_ms is not None or q != "latency")
+        if self.latency_ms is None:
+            body += "; latency not modelled (budget='latency' measures a per-layer table)"
         return f"{head}; {body}" + (f"; {self.note}" if self.note else "")
 
 

@@ -34,7 +34,7 @@ from passes.trace import trace_model
 
 from .api import compress, slim
 from .cli import positive_int
-from .config import CRITERIA, GRANULARITIES, CompressConfig
+from .config import BUDGETS, CRITERIA, GRANULARITIES, CompressConfig
 from .errors import DisparseValueError
 from .data import HIGHER_IS_BETTER, TASK_METRICS, cache_dir, default_task_losses, delta_t, evaluate, make_splits
 from .export import export_onnx
@@ -54,6 +54,7 @@ class DemoOptions:
     sparsity: float = 0.5
     criterion: str = "taylor"  # the dense model is trained first: the "pretrained" setting
     granularity: str = "channel"
+    budget: str = "flops"  # what users buy: compute removed, not parameters
     disentangle: bool = True
     size: str = "tiny"
     dense_steps: int = 600
@@ -69,7 +70,10 @@ class DemoOptions:
 
 def add_arguments(parser) -> None:
     d = DemoOptions()
-    parser.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction of prunable parameters removed")
+    parser.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction removed of what --budget counts")
+    parser.add_argument("--budget", choices=BUDGETS, default=d.budget,
+                        help="what --sparsity counts (channel granularity): prunable parameters, FLOPs per image "
+                             "or CPU latency (a measured per-layer table)")
     parser.add_argument("--criterion", choices=CRITERIA, default=d.criterion, help="importance score")
     parser.add_argument("--granularity", choices=GRANULARITIES, default=d.granularity,
                         help="prune single weights or whole channels")
@@ -92,6 +96,7 @@ def run_from_args(args, out: TextIO) -> int:
         raise DisparseValueError(f"demo --threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     opts = DemoOptions(sparsity=args.sparsity, criterion=args.criterion, granularity=args.granularity,
+                       budget=args.budget if args.granularity == "channel" else "params",
                        disentangle=not args.baseline, size=args.size, dense_steps=args.dense_steps,
                        finetune_steps=args.finetune_steps, seed=args.seed, out=args.out, fast=args.fast)
     if opts.fast:
@@ -126,7 +131,7 @@ def run_demo(opts: DemoOptions, out: TextIO) -> int:
     # validate every option before minutes of data building and training
     config = CompressConfig(sparsity=opts.sparsity, criterion=opts.criterion, granularity=opts.granularity,
                             disentangle=opts.disentangle, num_batches=opts.importance_batches, seed=opts.seed,
-                            allow_fewer_batches=True)
+                            allow_fewer_batches=True, budget=opts.budget)
     for name in ("dense_steps", "finetune_steps"):
         if getattr(opts, name) < 1:
             raise DisparseValueError(f"demo --{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
@@ -157,7 +162,8 @@ def run_demo(opts: DemoOptions, out: TextIO) -> int:
     result = compress(dense, losses, train_loader(1), config)
     say(f"compress: {opts.granularity} granularity, criterion {opts.criterion}, "
         f"{'DiSparse (per-task, unanimous)' if opts.disentangle else 'summed-loss baseline'}: sparsity "
-        f"{result.plan.sparsity:.4f} (target {opts.sparsity}) in {time.perf_counter() - t0:.1f} s")
+        f"{result.plan.sparsity:.4f} of the prunable parameters in {time.perf_counter() - t0:.1f} s"
+        + (f"; {result.plan.budget}" if result.plan.budget is not None else ""))
     t0 = time.perf_counter()
     finetune(result, losses, train_loader(2), opts.finetune_steps, lr=opts.lr / 2, progress=True)
     say(f"fine-tune: {opts.finetune_steps} steps in {time.perf_counter() - t0:.0f} s")
