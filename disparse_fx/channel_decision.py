@@ -19,6 +19,31 @@ keeps at least one channel (and a channel of every split piece); with ``round_to
 kept counts are rounded up to a multiple of N (capped at the group size), the extra
 channels being the best-ranked ones, credited to the unit ranking them best.
 
+Budgets (``config.budget``). With "params" (the default) the cost of a channel is the
+prunable elements it holds and the target counts prunable parameters after slimming, as
+above. With "flops" or "latency" the target counts the model's FLOPs per sample
+(:func:`passes.channel_costs.flop_cost_model`, exact after slimming) or its modelled
+forward time (:mod:`disparse_fx.latency_model`, a measured per-layer table), and a
+channel's cost is what its removal saves: ``d cost / d keep_c`` at the current plan, which
+depends on the kept widths of its neighbours (a conv's output channel costs its kept
+input channels times its kernel and output size; the next layer's input channel its kept
+outputs). Each unit ranks the channels it reaches by score per unit of that saving; the
+keep ratio ``r`` is searched so the budget quantity removed hits the target; then the
+savings are re-estimated at the plan found (averaged with the previous estimate, so the
+order settles) and the ranking and search are repeated (:data:`_REESTIMATE` times). The
+unanimous rule is untouched: ``keep iff min_u c_u(ch) <= r``. This is the greedy
+importance-per-cost ordering that latency-aware pruning uses (HALP, Shen et al., NeurIPS
+2022, solves the same ranking as a knapsack over a per-layer latency table; Torch-Pruning
+reaches a MACs target by re-counting between steps), applied per task. Cost: each
+estimate is one backward through the cost model (a few hundred terms) and each search
+``O(log C)`` evaluations of it, C the number of channels; on a ResNet-50 trunk the whole
+decision takes about a second.
+
+A target that even the smallest plan misses by more than a point raises
+:class:`~disparse_fx.errors.TargetUnreachableError` naming the most that can be removed
+and the largest pinned groups with their reasons; ``best_effort=True`` accepts the
+smallest plan with a warning.
+
 Element-shaped masks (api.md): ``masks[p]`` keeps an element iff every channel it
 belongs to is kept. ``task_masks[t][p]`` uses ``t``'s own vote along the parameter's
 first channel dimension and the final keep along the others; a channel that ``p``'s
