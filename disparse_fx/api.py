@@ -74,12 +74,16 @@ def compress(
     check_loss_functions(task_losses)
     check_model_tensors(model)
 
+    timings: Dict[str, float] = {}  # seconds per phase (Plan.timings)
+    tick = time.perf_counter()
     gm = trace_model(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
     check_outputs(gm, task_losses, config.needs_data)
+    tick = _lap(timings, "trace", tick)
     ownership = analyze_ownership(gm, reference=model)
     losses = guard_losses(_match_task_losses(task_losses, ownership.tasks))
 
     prunable = _select_prunable(gm, model, ownership.owners, config)
+    tick = _lap(timings, "ownership", tick)
     inputs = inputs or default_inputs
     first, data = _peek(data)
     example = None if first is None else check_example(gm, model, model_inputs(inputs, first, 0),
@@ -89,6 +93,7 @@ def compress(
         if example is None:
             raise NotEnoughBatchesError("granularity='channel' needs one batch to find the channel groups; data is empty")
         groups = find_channel_groups(gm, example, attention=config.attention)
+    tick = _lap(timings, "groups", tick)
     params = dict(model.named_parameters())
     domains = {t: tuple(p for p in prunable if t in ownership.owners[p]) for t in ownership.tasks}
     for t, dom in domains.items():
@@ -112,27 +117,35 @@ def compress(
         if error is exc:
             raise
         raise error from exc.__cause__
+    tick = _lap(timings, "importance", tick)
     shapes = {p: params[p].shape for p in prunable}
     channels = budget = None
     if groups is None:
         decision = decide(scores, prunable=prunable, shapes=shapes, task_domains=domains, config=config)
+        tick = _lap(timings, "decision", tick)
         masked = insert_masks(gm, _gm_keyed(gm, params, decision.masks))
         sparsity = 1.0 - sum(int(m.sum()) for m in decision.masks.values()) / sum(m.numel() for m in decision.masks.values())
         task_scores = decision.task_scores
+        tick = _lap(timings, "masks", tick)
     else:
         first_param = next(iter(params.values()))
         round_to = config.round_to or default_round_to(first_param.device, first_param.dtype, config.budget)
         cost_model = budget_model(config, gm, groups, example)
+        tick = _lap(timings, "budget", tick)
         decision = decide_channels(scores, groups, prunable=prunable, shapes=shapes, owners=ownership.owners,
                                    task_domains=domains, config=config, round_to=round_to,
                                    budget_model=cost_model)
+        tick = _lap(timings, "decision", tick)
         masked = insert_channel_masks(gm, groups, decision.channels.keep)
         sparsity = decision.sparsity
         channels = decision.channels
         task_scores = _normalised(scores, domains, config)
+        tick = _lap(timings, "masks", tick)
         budget = budget_report(config, gm, groups, example, decision.channels.keep, decision.budget_removed,
                                cost_model, {n: tuple(p.shape) for n, p in params.items()})
+        tick = _lap(timings, "budget", tick)
     total = sum(m.numel() for m in decision.masks.values())
+    timings["total"] = time.perf_counter() - t0
     plan = Plan(
         owners=dict(ownership.owners),
         task_scores=task_scores,
@@ -148,9 +161,11 @@ def compress(
         channels=channels,
         input_specs=_input_specs(example),
         budget=budget,
+        timings=timings,
     )
-    log.info("compress: %d tasks, %d prunable parameters (%d elements), sparsity %.4f (target %.4f) in %.2fs%s",
-             len(ownership.tasks), len(prunable), total, plan.sparsity, config.sparsity, time.perf_counter() - t0,
+    log.info("compress: %d tasks, %d prunable parameters (%d elements), sparsity %.4f (target %.4f) in %.2fs (%s)%s",
+             len(ownership.tasks), len(prunable), total, plan.sparsity, config.sparsity, timings["total"],
+             ", ".join(f"{k} {v:.2f}s" for k, v in timings.items() if k != "total"),
              f"; {budget}" if budget is not None else "")
     return CompressionResult(model=masked, plan=plan)
 
@@ -181,6 +196,13 @@ def slim(result: CompressionResult, example_inputs=None) -> fx.GraphModule:
     # the model's mask buffers are the truth (dynamic sparse training moves them after compress)
     masks = {p: m != 0 for p, m in masked_params(result.model).items()}
     return slim_channels(folded, groups, channels_emptied_by(groups, masks))
+
+
+def _lap(timings: Dict[str, float], phase: str, since: float) -> float:
+    """Add the seconds since ``since`` to ``timings[phase]``; return now."""
+    now = time.perf_counter()
+    timings[phase] = timings.get(phase, 0.0) + now - since
+    return now
 
 
 def _peek(data: Iterable):

@@ -55,6 +55,12 @@ class Plan:
     budget: channel granularity only - what ``sparsity`` counted (config.budget) and the
     parameters, FLOPs and (for a latency budget) modelled latency before and after
     slimming (see :class:`disparse_fx.budget.BudgetReport`).
+    timings: wall seconds per phase of the compress() call - "trace" (tracing and output
+    checks), "ownership" (ownership and prunable selection), "groups" (example check and,
+    at channel granularity, the channel groups), "importance" (the scoring passes over
+    the data), "decision", "masks" (inserting the masks), "budget" (channel granularity:
+    the cost model and the budget report) and "total" (the whole call, validation
+    included). Diagnostic only; empty for plans built by hand.
     """
 
     owners: Mapping[str, FrozenSet[Hashable]]
@@ -71,6 +77,7 @@ class Plan:
     channels: Optional["ChannelPlan"] = None
     input_specs: Optional[Tuple[Any, ...]] = None
     budget: Optional["BudgetReport"] = None
+    timings: Mapping[str, float] = field(default_factory=dict)
 
     def density(self, param: str, task: Hashable = None) -> float:
         """Kept fraction of ``param`` in the final mask, or in ``task``'s own mask."""

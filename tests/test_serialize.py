@@ -52,6 +52,7 @@ def _assert_same_plan(p, q):
     assert q.owners == p.owners and q.tasks == p.tasks and q.prunable == p.prunable
     assert q.sparsity == p.sparsity and q.keep_ratio == p.keep_ratio and q.batches == p.batches
     assert q.config == p.config and q.shapes == p.shapes and q.input_specs == p.input_specs
+    assert dict(q.timings) == dict(p.timings) and "total" in p.timings
     assert q.masks.keys() == p.masks.keys() and all(torch.equal(q.masks[k], p.masks[k]) for k in p.masks)
     for t in p.tasks:
         for field in ("task_masks", "task_scores"):
