@@ -1,11 +1,14 @@
 """Cost of compress(): wall time and peak memory against the naive per-task loop (2 to 5
-tasks), and analysis time against Torch-Pruning's dependency-graph build.
+tasks, zoo DeepLab 'tiny', resnet50 and vit_b_16 trunks, element and channel
+granularity, with compress's per-phase breakdown from Plan.timings and the memory of one
+training step), and analysis time against Torch-Pruning's dependency-graph build.
 
 The naive approach is the reference code's: a deep copy of the model per task, and per
 batch one forward AND one backward per task on that copy. compress() does one forward
-per batch and one backward per task. Both compute the same snip scores (checked here),
-so the ratio is pure overhead. Runs are interleaved (naive, compress, naive, ...) and
-the medians compared, since this machine is shared and noisy.
+per batch and one backward per task. Both compute the same snip scores (checked here).
+Runs are interleaved (naive, compress element, compress channel, naive, ...) and the
+medians compared, since this machine is shared and noisy; peak memory is measured in a
+fresh process per method.
 
 Analysis: the structural analysis compress() runs before any scoring - trace
 (passes.trace.trace_model) + ownership (passes.ownership.analyze_ownership) + channel
@@ -16,6 +19,8 @@ trunks via disparse_fx.zoo.multitask_from_torchvision; CNNs at 128 px, transform
 224), interleaved, medians, as a ratio.
 
     python benchmarks/compress_cost.py                 # writes benchmarks/results/compress_cost.md
+        # (default: resnet50 trunk, 3 and 5 tasks, 20 batches of 8x3x96x96, 3 repeats, then the analysis)
+    python benchmarks/compress_cost.py --models tiny resnet50 vit_b_16 --tasks 2 3 4 5 --no-analysis
     python benchmarks/compress_cost.py --smoke --out /tmp/c.md   # tiny configuration (used by the tests)
 """
 from __future__ import annotations
@@ -48,16 +53,52 @@ from passes.trace import trace_model  # noqa: E402
 RESULTS = _common.RESULTS
 
 
-def make_problem(n_tasks: int, batches: int, batch_size: int, size: int, model_size: str):
+#: Heads of the compress-vs-naive models, cycled over the tasks: (kind, out_dim).
+HEAD_KINDS = (("dense", 2), ("classify", 5), ("regress", 2))
+#: Granularities compared, with their snip sparsity.
+GRANULARITIES = (("element", 0.9), ("channel", 0.5))
+
+
+def make_model(name: str, tasks, size: int):
+    """'tiny'/'small'/...: the zoo DeepLab-ResNet; else a torchvision trunk (ViTs at ``image_size=size``)."""
     torch.manual_seed(0)
-    tasks = {f"task{i}": ("dense", 2) for i in range(n_tasks)}
-    model = deeplab_resnet(tasks, size=model_size)
+    if name in ("tiny", "small", "medium", "full"):
+        return deeplab_resnet({t: ("dense", 2) for t in tasks}, size=name)
+    kwargs = {"image_size": size} if name.startswith("vit_") else {}
+    return multitask_from_torchvision(name, tasks, input_size=size, **kwargs)
+
+
+def make_problem(n_tasks: int, batches: int, batch_size: int, size: int, model_name: str):
+    """(model in train mode, batches, {task: loss}) - dense tasks on the zoo model, dense /
+    classify / regress heads in turn on a torchvision trunk."""
+    zoo = model_name in ("tiny", "small", "medium", "full")
+    tasks = {f"task{i}": ("dense", 2) if zoo else HEAD_KINDS[i % len(HEAD_KINDS)] for i in range(n_tasks)}
+    model = make_model(model_name, tasks, size).train()
     gen = torch.Generator().manual_seed(0)
+
+    def target(kind, dim):
+        if kind == "dense":
+            return torch.randn(batch_size, dim, size, size, generator=gen)
+        if kind == "classify":
+            return torch.randint(0, dim, (batch_size,), generator=gen)
+        return torch.randn(batch_size, dim, generator=gen)
+
     data = [{"input": torch.randn(batch_size, 3, size, size, generator=gen),
-             **{t: torch.randn(batch_size, 2, size, size, generator=gen) for t in tasks}}
-            for _ in range(batches)]
-    losses = {t: (lambda key: lambda p, b: F.mse_loss(p, b[key]))(t) for t in tasks}
+             **{t: target(*spec) for t, spec in tasks.items()}} for _ in range(batches)]
+
+    def loss(key, kind):
+        if kind == "classify":
+            return lambda p, b: F.cross_entropy(p, b[key])
+        return lambda p, b: F.mse_loss(p, b[key])
+
+    losses = {t: loss(t, kind) for t, (kind, _) in tasks.items()}
     return model, data, losses
+
+
+def compress_config(granularity: str, batches: int) -> "dfx.CompressConfig":
+    sparsity = dict(GRANULARITIES)[granularity]
+    return dfx.CompressConfig(sparsity=sparsity, criterion="snip", granularity=granularity, num_batches=batches,
+                              progress=False)
 
 
 def naive_snip(model, data, losses):
@@ -74,21 +115,29 @@ def naive_snip(model, data, losses):
                 p = params[n]
                 if p.grad is not None:
                     a += (p.grad * p.detach()).abs()
+        del m, params
         scores[task] = acc
     return scores
 
 
-def peak_memory_mib(method: str, args, n_tasks: int) -> float:
+def train_step(model, data, losses):
+    """One training step's memory: forward and backward of the summed task loss on one batch."""
+    batch = data[0]
+    out = model(batch["input"])
+    sum(fn(out[t], batch) for t, fn in losses.items()).backward()
+
+
+def peak_memory_mib(method: str, args, model_name: str, n_tasks: int) -> float:
     """Peak RSS growth of one run of ``method`` in a fresh process (MiB), set-up excluded."""
     cmd = [sys.executable, __file__, "--child", method, "--tasks", str(n_tasks), "--batches", str(args.batches),
-           "--batch-size", str(args.batch_size), "--size", str(args.size), "--model", args.model]
+           "--batch-size", str(args.batch_size), "--size", str(args.size), "--models", model_name,
+           "--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
 def child(method: str, args) -> None:
-    model, data, losses = make_problem(args.tasks[0], args.batches, args.batch_size, args.size, args.model)
-    config = dfx.CompressConfig(sparsity=0.9, criterion="snip", num_batches=args.batches, progress=False)
+    model, data, losses = make_problem(args.tasks[0], args.batches, args.batch_size, args.size, args.models[0])
     import gc
 
     gc.collect()
@@ -103,8 +152,10 @@ def child(method: str, args) -> None:
     before = _status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if method == "naive":
         naive_snip(model, data, losses)
+    elif method == "train":
+        train_step(model, data, losses)
     else:
-        dfx.compress(model, losses, data, config)
+        dfx.compress(model, losses, data, compress_config(method.split("-", 1)[1], args.batches))
     peak = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
     print(json.dumps({"peak_mib": (peak - before) / 1024}))
 
@@ -117,43 +168,78 @@ def _status_kib(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
+def _max_score_diff(naive, plan) -> float:
+    """Largest difference between compress's task scores and the naive ones (both normalised per task)."""
+    worst = 0.0
+    for t, acc in naive.items():
+        per = plan.task_scores.get(t, {})
+        total = sum(float(acc[p].sum()) for p in per) or 1.0
+        for p, s in per.items():
+            worst = max(worst, float((s - acc[p] / total).abs().max()))
+    return worst
+
+
+PHASES = ("trace", "ownership", "groups", "importance", "decision", "masks", "budget")
+
+
 def run(args) -> str:
     rows = []
-    for n_tasks in args.tasks:
-        model, data, losses = make_problem(n_tasks, args.batches, args.batch_size, args.size, args.model)
-        config = dfx.CompressConfig(sparsity=0.9, criterion="snip", num_batches=args.batches, progress=False)
-        t_naive, t_ours = [], []
-        dfx.compress(model, losses, data[:1], dfx.CompressConfig(num_batches=1, progress=False))  # warm-up
-        for _ in range(args.repeats):  # interleaved
-            t0 = time.perf_counter()
-            naive = naive_snip(model, data, losses)
-            t_naive.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            result = dfx.compress(model, losses, data, config)
-            t_ours.append(time.perf_counter() - t0)
-        # same scores, up to normalisation (compress normalises per task)
-        worst = 0.0
-        for t, acc in naive.items():
-            total = sum(float(acc[p].sum()) for p in result.plan.task_scores[t])
-            for p, s in result.plan.task_scores[t].items():
-                worst = max(worst, float((s - acc[p] / total).abs().max()))
-        med_naive, med_ours = statistics.median(t_naive), statistics.median(t_ours)
-        mem_naive, mem_ours = peak_memory_mib("naive", args, n_tasks), peak_memory_mib("compress", args, n_tasks)
-        rows.append([n_tasks, f"{med_naive:.2f}", f"{med_ours:.2f}", f"{med_naive / med_ours:.2f}x",
-                     f"{mem_naive:.0f}", f"{mem_ours:.0f}", (f"{mem_naive / mem_ours:.2f}x" if mem_ours > 0 else "n/a"),
-                     f"{result.plan.sparsity:.4f}", f"{worst:.1e}"])
-    table = tabulate(rows, headers=["tasks", "naive s", "compress s", "time ratio", "naive peak MiB",
-                                    "compress peak MiB", "memory ratio", "sparsity (target 0.9)",
-                                    "max score diff"], tablefmt="github")
+    grans = [g for g, _ in GRANULARITIES if g in args.granularities]
+    for model_name in args.models:
+        for n_tasks in args.tasks:
+            model, data, losses = make_problem(n_tasks, args.batches, args.batch_size, args.size, model_name)
+            params_m = sum(p.numel() for p in model.parameters()) / 1e6
+            for g in grans:  # warm-up
+                dfx.compress(model, losses, data[:1], compress_config(g, 1))
+            t_naive, t_ours = [], {g: [] for g in grans}
+            phases = {g: {k: [] for k in PHASES} for g in grans}
+            results = {}
+            for _ in range(args.repeats):  # interleaved: naive, element, channel, naive, ...
+                t0 = time.perf_counter()
+                naive = naive_snip(model, data, losses)
+                t_naive.append(time.perf_counter() - t0)
+                for g in grans:
+                    t0 = time.perf_counter()
+                    results[g] = dfx.compress(model, losses, data, compress_config(g, args.batches))
+                    t_ours[g].append(time.perf_counter() - t0)
+                    for k in PHASES:
+                        phases[g][k].append(results[g].plan.timings.get(k, 0.0))
+            worst = {g: _max_score_diff(naive, results[g].plan) for g in grans}
+            del naive, results
+            med_naive = statistics.median(t_naive)
+            mem_naive = peak_memory_mib("naive", args, model_name, n_tasks)
+            mem_train = peak_memory_mib("train", args, model_name, n_tasks)
+            for g in grans:
+                med = statistics.median(t_ours[g])
+                mem = peak_memory_mib(f"compress-{g}", args, model_name, n_tasks)
+                ph = {k: statistics.median(v) for k, v in phases[g].items()}
+                rows.append([model_name, f"{params_m:.1f}", n_tasks, f"{g} {dict(GRANULARITIES)[g]:.0%}",
+                             f"{med_naive:.2f}", f"{med:.2f}", f"{med / med_naive:.2f}",
+                             " / ".join(f"{ph[k]:.2f}" for k in PHASES), f"{ph['decision'] / med:.1%}",
+                             f"{mem_naive:.0f}", f"{mem:.0f}", f"{mem_train:.0f}",
+                             f"{mem / mem_train:.2f}" if mem_train > 0 else "n/a",
+                             f"{mem_naive / mem:.2f}x" if mem > 0 else "n/a", f"{worst[g]:.1e}"])
+    table = tabulate(rows, headers=["model", "params M", "tasks", "granularity (snip)", "naive s", "compress s",
+                                    "time ratio (compress / naive)",
+                                    "trace / ownership / groups / importance / decision / masks / budget s",
+                                    "decision share", "naive peak MiB", "compress peak MiB", "train step peak MiB",
+                                    "compress / train step", "memory ratio (naive / compress)", "max score diff"],
+                     tablefmt="github", disable_numparse=True)
     header = ("## compress() vs the naive per-task loop\n\n"
-              f"DeepLab-ResNet '{args.model}' (disparse_fx.zoo), {args.batches} batches of "
-              f"{args.batch_size}x3x{args.size}x{args.size}, criterion snip, {args.repeats} interleaved repeats "
-              "(time: medians; memory: peak RSS above the RSS before the call, one run in a fresh process, with the "
-              "kernel's peak mark reset after the set-up). "
-              "Time ratio and memory ratio are naive / compress (above 1: compress is cheaper). The "
-              "naive loop runs T forwards and T backwards per batch on T model copies; compress runs "
-              "one forward and T backwards, so its time gain is bounded by 3T/(1+2T) when a backward "
-              "costs two forwards, and compress adds a fixed O(N log N) ranking cost.\n\n")
+              f"Models: the zoo DeepLab-ResNet ('tiny', ...; dense heads) or torchvision trunks via "
+              f"disparse_fx.zoo.multitask_from_torchvision (heads dense / classify / regress in turn; ViTs built "
+              f"with image_size={args.size}); {args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}, "
+              f"criterion snip, element granularity at 90% and channel granularity at 50% sparsity, "
+              f"{args.repeats} interleaved repeats (naive, compress element, compress channel, naive, ...; time: "
+              "medians; the per-phase seconds are medians of Plan.timings). Memory: peak RSS above the RSS before "
+              "the call, one run in a fresh process each, with the kernel's peak mark reset after the set-up "
+              "(model and data built); 'train step' is one forward and backward of the summed task loss on one "
+              "batch of the same model. Time ratio below 1: compress is faster than the naive loop; the naive "
+              "loop runs T forwards and T backwards per batch on T model copies, compress one forward and T "
+              "backwards, plus its analysis (trace, ownership, and at channel granularity the channel groups) and "
+              "decision. The naive scores are the same at both granularities (element snip scores; the channel "
+              "decision sums them per channel), so one naive timing serves both rows. Max score diff: compress's "
+              "task scores against the naive ones, both normalised to sum 1 per task.\n\n")
     return header + table + "\n"
 
 
@@ -236,17 +322,24 @@ def run_analysis(args) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", type=int, nargs="+", default=[2, 3, 4, 5])
+    ap.add_argument("--models", nargs="+", default=["resnet50"],
+                    help="compress-vs-naive models: zoo DeepLab sizes (tiny, small, ...) or torchvision names "
+                         "(resnet50, vit_b_16, ...); default resnet50")
+    ap.add_argument("--tasks", type=int, nargs="+", default=[3, 5])
+    ap.add_argument("--granularities", nargs="+", choices=[g for g, _ in GRANULARITIES],
+                    default=[g for g, _ in GRANULARITIES])
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--size", type=int, default=96, help="input side in px (and the ViTs' image_size)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-naive", action="store_true", help="skip the compress-vs-naive section")
+    ap.add_argument("--no-analysis", action="store_true", help="skip the analysis-vs-Torch-Pruning section")
     ap.add_argument("--analysis-models", nargs="*", default=["resnet50", "densenet121", "vit_b_16", "swin_t"])
     ap.add_argument("--analysis-size", type=int, default=128, help="input size of the CNNs (transformers: 224)")
     ap.add_argument("--smoke", action="store_true", help="tiny configuration (seconds; used by the tests)")
     ap.add_argument("--out", type=pathlib.Path, default=None)
-    ap.add_argument("--child", choices=["naive", "compress"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["naive", "train", "compress-element", "compress-channel"],
+                    help=argparse.SUPPRESS)
     _common.add_threads_argument(ap)
     args = ap.parse_args(argv)
     _common.set_threads(args.threads)
@@ -254,11 +347,11 @@ def main(argv=None):
         child(args.child, args)
         return 0
     if args.smoke:
-        args.tasks, args.batches, args.batch_size, args.size, args.repeats = [2], 1, 2, 32, 1
+        args.models, args.tasks, args.batches, args.batch_size, args.size, args.repeats = ["tiny"], [2], 1, 2, 32, 1
         args.analysis_models, args.analysis_size = ["deeplab-tiny"], 32
     out = _common.out_path(args.out, args.smoke, "compress_cost.md")
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    body = run(args) + "\n" + run_analysis(args)
+    body = ("" if args.no_naive else run(args) + "\n") + ("" if args.no_analysis else run_analysis(args))
     _common.write(out, _common.header("Cost of compress()", started=started) + body)
     return 0
 
