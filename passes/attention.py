@@ -56,7 +56,7 @@ from torch import Tensor
 
 from .errors import DisparseValueError
 
-__all__ = ["MultiheadAttention", "shifted_window_attention"]
+__all__ = ["MultiheadAttention", "shifted_window_attention", "mha_sizes"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,16 @@ def _check_input_ranks(query: Tensor, key: Tensor, value: Tensor, key_padding_ma
             raise DisparseValueError(f"for an unbatched query, a 3-D attn_mask must have shape {expected}; "
                                      f"got {tuple(attn_mask.shape)}")
     return batched
+
+
+def mha_sizes(m: nn.Module) -> Tuple[int, int, int, float]:
+    """(heads, q/k head dim, v head dim, logit scale) of torch's ``nn.MultiheadAttention``
+    or of :class:`MultiheadAttention`."""
+    h = m.num_heads
+    dqk = getattr(m, "head_dim", m.embed_dim // h)
+    dv = getattr(m, "v_head_dim", dqk)
+    scale = getattr(m, "scale", None)
+    return h, dqk, dv, float(scale) if scale is not None else float(dqk) ** -0.5
 
 
 class MultiheadAttention(nn.Module):

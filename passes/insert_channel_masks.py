@@ -84,12 +84,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .attention import MultiheadAttention
+from .attention import MultiheadAttention, mha_sizes
 from .channel_groups import ChannelGroups
 from .errors import DisparseValueError
-from .rules import register_channel_rule
-from .rules.attention import _mha_sizes, replace_submodule
+from .rules import SlimContext, lookup_channel_rule, register_channel_rule
 from .rules.elementwise import elementwise
+from .rules.norm import masked_layer_norm_rule, masked_rms_norm_rule
 
 __all__ = ["insert_channel_masks", "channel_mask", "is_channel_mask", "fold_channel_masks", "MASK_MODULE",
            "masked_layer_norm", "masked_rms_norm", "is_masked_norm"]
@@ -152,15 +152,9 @@ def masked_rms_norm(x: torch.Tensor, keep: torch.Tensor, normalized_shape, weigh
 torch.fx.wrap("masked_layer_norm")
 torch.fx.wrap("masked_rms_norm")
 _MASKED_NORMS = (masked_layer_norm, masked_rms_norm)
-
-
-def _register_masked_norm_rule() -> None:
-    from .rules.norm import _masked_norm
-
-    register_channel_rule(*_MASKED_NORMS, handles_sizes=True)(_masked_norm)  # the shape is restored by fold
-
-
-_register_masked_norm_rule()
+# a masked model can be analysed too; the shape is restored by fold, so sizes are handled
+register_channel_rule(masked_layer_norm, handles_sizes=True)(masked_layer_norm_rule)
+register_channel_rule(masked_rms_norm, handles_sizes=True)(masked_rms_norm_rule)
 
 
 def is_masked_norm(node: fx.Node) -> bool:
@@ -242,8 +236,8 @@ def _unmask_attention(gm: fx.GraphModule) -> int:
         m = gm.get_submodule(node.target)
         if isinstance(m, MultiheadAttention) and any(
                 getattr(m, b, None) is not None for b in ("head_keep", "qk_dim_keep", "v_dim_keep")):
-            h, dqk, dv, scale = _mha_sizes(m)
-            replace_submodule(gm, node.target, MultiheadAttention.rebuild(
+            h, dqk, dv, scale = mha_sizes(m)
+            gm.add_submodule(node.target, MultiheadAttention.rebuild(
                 m, num_heads=h, head_dim=dqk, v_head_dim=dv, scale=scale))
             count += 1
     return count
@@ -354,9 +348,6 @@ def add_channel_masks_(gm: fx.GraphModule, groups: ChannelGroups, flat: torch.Te
 
 def _mask_internal(gm: fx.GraphModule, groups: ChannelGroups, flat: torch.Tensor, nodes: Dict[str, fx.Node]) -> int:
     """Ops with removed internal channels (attention heads) get masked by their rule."""
-    from .rules import lookup_channel_rule
-    from .slim import SlimContext
-
     count = 0
     for name, internal in groups.internal_channels.items():
         node = nodes.get(name)

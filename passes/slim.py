@@ -46,7 +46,7 @@ from .channel_groups import ChannelGroups
 from .errors import DisparseValueError, PostconditionError
 from .insert_channel_masks import (MASK_MODULE, fold_channel_masks, is_channel_mask, is_masked_norm,
                                    mask_plan, masked_view)
-from .rules import describe, lookup_channel_rule
+from .rules import SlimContext, describe, lookup_channel_rule  # SlimContext: re-exported (it lives with the rules)
 
 __all__ = ["slim_channels", "slim", "channels_emptied_by", "SlimContext", "check_parity", "full_precision",
            "parity_dtype"]
@@ -54,81 +54,6 @@ __all__ = ["slim_channels", "slim", "channels_emptied_by", "SlimContext", "check
 log = logging.getLogger(__name__)
 
 PASS_NAME = "slim_channels"
-_MISSING = object()
-
-
-class SlimContext:
-    """What a rule's ``slim`` hook sees: the node of the NEW graph, after slicing."""
-
-    def __init__(self, gm: fx.GraphModule, node: fx.Node, groups: ChannelGroups, keep: torch.Tensor):
-        self.gm = gm
-        self.node = node
-        self.groups = groups
-        self.keep = keep  # keep flag of every global channel
-
-    @property
-    def module(self) -> nn.Module:
-        return self.gm.get_submodule(self.node.target)
-
-    def _name(self, n: Any) -> str:
-        return n.name if isinstance(n, fx.Node) else str(n)
-
-    def channels(self, n: Any) -> Any:
-        """``{dim: global channel ids}`` of a tensor node (a tuple for tuple outputs)."""
-        ch = self.groups.node_channels.get(self._name(n))
-        return {} if ch is None else ch
-
-    def shape(self, n: Any) -> Any:
-        """The node's output shape on the example inputs (before slimming)."""
-        return self.groups.node_shapes.get(self._name(n))
-
-    def internal(self, name: str) -> torch.Tensor:
-        """Keep flags of this node's internal channels ``name`` (e.g. an attention
-        module's ``"heads"``)."""
-        return self.keep[self.groups.internal_channels[self.node.name][name]]
-
-    def kept_count(self, n: Any, dim: int, default: Optional[int] = None) -> int:
-        ch = self.channels(n)
-        gids = ch.get(dim) if isinstance(ch, Mapping) else None
-        if gids is None:
-            return default if default is not None else self.shape(n)[dim]
-        return int(self.keep[gids].sum())
-
-    def arg(self, pos: Optional[int], name: Optional[str] = None, default: Any = None) -> Any:
-        if pos is not None and pos < len(self.node.args):
-            return self.node.args[pos]
-        if name is not None and name in self.node.kwargs:
-            return self.node.kwargs[name]
-        return default
-
-    def value(self, pos: Optional[int], name: Optional[str] = None, default: Any = None) -> Any:
-        """A literal argument, or the example-input value of a node argument."""
-        a = self.arg(pos, name, _MISSING)
-        if a is _MISSING:
-            return default
-        return self.concrete_index(a)
-
-    def concrete_index(self, a: Any) -> Any:
-        return fx.node.map_arg(a, lambda n: self.groups.node_shapes.get(n.name))
-
-    def is_size_dependent(self, a: Any) -> bool:
-        """Whether ``a`` holds a node whose value was computed from a channel count."""
-        found = []
-        fx.node.map_arg(a, lambda n: found.append(n.name in self.groups.size_dependent))
-        return any(found)
-
-    def set_arg(self, pos: int, name: Optional[str], value: Any) -> None:
-        if pos is not None and pos < len(self.node.args):
-            args = list(self.node.args)
-            args[pos] = value
-            self.node.args = tuple(args)
-        elif name is not None:
-            self.set_kwarg(name, value)
-
-    def set_kwarg(self, name: str, value: Any) -> None:
-        kwargs = dict(self.node.kwargs)
-        kwargs[name] = value
-        self.node.kwargs = kwargs
 
 
 def slim_channels(gm: fx.GraphModule, groups: ChannelGroups, keep: Mapping[int, torch.Tensor], *,

@@ -44,8 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..attention import MultiheadAttention as Slimmable
+from ..attention import mha_sizes
 from ..errors import UnsupportedOpError
-from . import Labels, register_channel_rule, torch_attr
+from .registry import Labels, register_channel_rule, torch_attr
 from ._types import TensorInfo
 from .conv import product_labels
 
@@ -257,20 +258,11 @@ def _einsum(ctx):
 
 
 # ----------------------------------------------------------------------------- nn.MultiheadAttention
-def _mha_sizes(m: nn.Module):
-    """(heads, q/k head dim, v head dim, logit scale) of torch's or our module."""
-    h = m.num_heads
-    dqk = getattr(m, "head_dim", m.embed_dim // h)
-    dv = getattr(m, "v_head_dim", dqk)
-    scale = getattr(m, "scale", None)
-    return h, dqk, dv, float(scale) if scale is not None else float(dqk) ** -0.5
-
-
 def _mha(ctx):
     """MultiheadAttention(query, key, value): the inputs' channels are the projections'
     columns; heads (or head dims) are internal channels; the output's are out_proj's."""
     m = ctx.module
-    h, dqk, dv, _scale = _mha_sizes(m)
+    h, dqk, dv, _scale = mha_sizes(m)
     query = ctx.arg(0, "query")
     key, value = ctx.arg(1, "key"), ctx.arg(2, "value")
     fixed = f"{ctx.describe()} reads features that are fixed (a graph input or a tensor made in forward)"
@@ -331,7 +323,7 @@ def _mha(ctx):
 def _mha_mask(sctx):
     """The masked model: our module, sharing the parameters, with head (or dim) masks."""
     m = sctx.module
-    h, dqk, dv, scale = _mha_sizes(m)
+    h, dqk, dv, scale = mha_sizes(m)
     new = Slimmable.from_torch(m) if not isinstance(m, Slimmable) else Slimmable.rebuild(
         m, num_heads=h, head_dim=dqk, v_head_dim=dv, scale=scale)
     if sctx.groups.attention == "heads":
@@ -344,7 +336,7 @@ def _mha_mask(sctx):
 def _mha_slim(sctx):
     """Rebuild with the kept head count / dims around the sliced parameters."""
     m = sctx.module
-    h, dqk, dv, scale = _mha_sizes(m)
+    h, dqk, dv, scale = mha_sizes(m)
     if sctx.groups.attention == "heads":
         h = int(sctx.internal("heads").sum())
     else:

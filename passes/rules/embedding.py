@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import Labels, register_channel_rule
+from .registry import Labels, register_channel_rule
 
 
 def _embedding_slim(sctx):

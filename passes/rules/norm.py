@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register_channel_rule, torch_attr
+from .registry import register_channel_rule, torch_attr
 from ._types import TensorInfo
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
@@ -178,17 +178,28 @@ def _layer_norm_function(ctx):
     return ctx.same_as(x)
 
 
-def _masked_norm(ctx):
-    """A LayerNorm already rewritten by the channel-mask pass (analysing a masked model)."""
-    from ..insert_channel_masks import masked_rms_norm
-
+def _masked_norm(ctx, rms: bool):
+    """A LayerNorm already rewritten by the channel-mask pass (analysing a masked model):
+    ``masked_layer_norm(x, keep, shape, weight, bias, eps, module)`` or
+    ``masked_rms_norm(x, keep, shape, weight, eps, module)``."""
     x = ctx.arg(0, "x")
-    rms = ctx.node.target is masked_rms_norm
     ps = [ctx.arg(3, "weight", None)] + ([] if rms else [ctx.arg(4, "bias", None)])
     keep = ctx.arg(1, "keep")
     ctx.mix(keep, 0, "a LayerNorm keep mask")
     _layer_norm(ctx, x, (x.shape[-1],), lambda j: [ctx.labels(p, j) for p in ps if isinstance(p, TensorInfo)])
     return ctx.same_as(x)
+
+
+# The channel-mask pass owns the masked norm functions and registers these two rules for
+# them (this module does not import that pass: the rules sit below the passes).
+def masked_layer_norm_rule(ctx):
+    """The rule of :func:`passes.insert_channel_masks.masked_layer_norm`."""
+    return _masked_norm(ctx, rms=False)
+
+
+def masked_rms_norm_rule(ctx):
+    """The rule of :func:`passes.insert_channel_masks.masked_rms_norm`."""
+    return _masked_norm(ctx, rms=True)
 
 
 @register_channel_rule(nn.LocalResponseNorm, F.local_response_norm, nn.CrossMapLRN2d)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import Labels, register_channel_rule, torch_attr
+from .registry import Labels, register_channel_rule, torch_attr
 from ._types import TensorInfo
 
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UnsupportedOpError
-from . import Labels, register_channel_rule, torch_attr
+from .registry import Labels, register_channel_rule, torch_attr
 from ._types import Const, TensorInfo
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..attention import shifted_window_attention
-from . import Labels, register_channel_rule
+from .registry import Labels, register_channel_rule
 from ._types import TensorInfo
 from .elementwise import first_operand
 
