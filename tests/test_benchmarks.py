@@ -2,6 +2,7 @@
 
 Each runs as a subprocess (as a user would run it), single-threaded, writing into tmp_path.
 """
+import json
 import os
 import pathlib
 import subprocess
@@ -54,7 +55,24 @@ def test_quality_smoke(tmp_path):
     for method in ("dense + same fine-tuning", "erk-random", "disparse-dynamic"):
         assert method in text
     assert "## element sparsity 90%" in text and "## channel sparsity 50%" in text
-    assert (tmp_path / "quality.json").exists()
+    assert "## channel sparsity 50% (budget: params" in text and "## channel sparsity 50% (budget: flops" in text
+    assert "What the speed costs" in text and "FLOPs removed" in text
+    raw = tmp_path / "quality.json"
+    runs = json.loads(raw.read_text())["runs"]
+    flops_runs = [r for r in runs if r.get("budget") == "flops"]
+    assert flops_runs and all(r["flops_removed"] > 0 for r in flops_runs)
+
+    # a results file from before --channel-budgets (no "budget", no FLOPs fields): --resume keeps its
+    # channel runs as params runs and adds only the FLOPs-budget runs
+    old = [{k: v for k, v in r.items() if k not in ("budget", "flops_dense", "flops_after", "flops_removed")}
+           for r in runs if r.get("budget") != "flops"]
+    raw.write_text(json.dumps(dict(config={}, dense_metrics={}, runs=old)))
+    proc = _run("quality.py", "--smoke", "--resume", "--out", str(out))
+    _check(proc)
+    rerun = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert rerun and all(" flops " in line for line in rerun), rerun
+    after = json.loads(raw.read_text())["runs"]
+    assert len(after) == len(runs) and after[: len(old)] == old
 
 
 def test_gpu_smoke_falls_back_to_cpu(tmp_path):
