@@ -59,7 +59,7 @@ from typing import Dict, Hashable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from passes.channel_costs import ChannelCostModel
+from passes.channel_costs import ChannelCostModel, param_cost_model
 from passes.channel_groups import ChannelGroups
 
 from .config import CompressConfig
@@ -156,16 +156,14 @@ def decide_channels(
         total = float(sum(float(v.sum()) for v in unit_scores[u].values())) or 1.0
         normalised[u] = {gid: (v / total).float() for gid, v in unit_scores[u].items()}
 
-    if budget_model is None:
-        dense_budget = None
+    # what the target counts, as a function of the kept channels (parameters: the
+    # prunable elements left after slimming, as prunable_sparsity counts them)
+    counted = budget_model if budget_model is not None else param_cost_model(
+        groups, {p: shapes[p] for p in prunable})
+    dense_budget = counted.dense_cost()
 
-        def removed_at(keep) -> float:
-            return prunable_sparsity(groups, keep, prunable, shapes)
-    else:
-        dense_budget = budget_model.dense_cost()
-
-        def removed_at(keep) -> float:
-            return 1.0 - float(budget_model.cost(groups.keep_vector(keep).double())) / dense_budget
+    def removed_at(keep) -> float:
+        return 1.0 - float(counted.cost(groups.keep_vector(keep).double())) / dense_budget
 
     def choose(cost):
         ranked = _rank_units(units, unit_scores, cost, groups, config.seed)

@@ -188,15 +188,34 @@ def factor_channels(groups: ChannelGroups, factor: Tuple[str, ...]) -> List[torc
 
 def flop_cost_terms(gm: fx.GraphModule, groups: ChannelGroups,
                     example_inputs: Tuple[torch.Tensor, ...]) -> List[Tuple[fx.Node, FlopTerm, Tuple[torch.Tensor, ...]]]:
-    """Every FLOP term of ``gm`` (whole batch) with its factors resolved to channel ids."""
-    work = shape_propagated(gm, example_inputs)
+    """Every FLOP term of ``gm`` (whole batch) with its factors resolved to channel ids.
+
+    Shapes come from the channel analysis (``groups.node_shapes``) when it ran on inputs
+    of the same shapes and recorded every node, else from a shape propagation on a copy
+    of ``gm``.
+    """
+    shapes = groups.node_shapes
+    same_example = [tuple(a.shape) for a in example_inputs if isinstance(a, torch.Tensor)] == \
+        [spec[1] for spec in groups.input_specs if spec[0] == "tensor"]
+    if same_example and all(n.name in shapes for n in gm.graph.nodes if n.op != "output"):
+        work, shape_of = gm, _recorded_shape(shapes)
+    else:
+        work, shape_of = shape_propagated(gm, example_inputs), None
     out = []
     for node in work.graph.nodes:
-        terms, _weight = flop_terms(work, node)
+        terms, _weight = flop_terms(work, node, shape_of)
         for t in terms:
             ids = tuple(i for f in t.factors for i in factor_channels(groups, f))
             out.append((node, t, ids))
     return out
+
+
+def _recorded_shape(shapes: Mapping[str, object]):
+    def shape_of(node: fx.Node):
+        shape = shapes.get(node.name)
+        return shape if isinstance(shape, (tuple, list, torch.Size)) and all(isinstance(d, int) for d in shape) \
+            else None
+    return shape_of
 
 
 def flop_cost_model(gm: fx.GraphModule, groups: ChannelGroups,

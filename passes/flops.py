@@ -27,11 +27,12 @@ A task's FLOPs are those of the nodes its output depends on.
 """
 from __future__ import annotations
 
+import contextvars
 import copy
 import math
 import operator
 from dataclasses import dataclass
-from typing import Dict, Hashable, Mapping, Optional, Tuple
+from typing import Callable, Dict, Hashable, Mapping, Optional, Sequence, Tuple
 
 import networkx as nx
 import torch
@@ -92,13 +93,23 @@ def shape_propagated(gm: fx.GraphModule, example_inputs: Tuple[torch.Tensor, ...
     return work
 
 
+#: Where flop_terms reads a node's output shape: None = ``node.meta["tensor_meta"]``.
+_SHAPE_OF: contextvars.ContextVar = contextvars.ContextVar("flops_shape_of", default=None)
+
+
 def _numel(node) -> int:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return math.prod(meta.shape) if meta is not None and hasattr(meta, "shape") else 0
+    shape = _shape(node)
+    return math.prod(shape) if shape is not None else 0
 
 
 def _shape(node):
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    if not isinstance(node, fx.Node):
+        return None
+    lookup = _SHAPE_OF.get()
+    if lookup is not None:
+        shape = lookup(node)
+        return tuple(shape) if shape is not None else None
+    meta = node.meta.get("tensor_meta")
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
@@ -119,9 +130,20 @@ class FlopTerm:
     factors: Tuple[Tuple[str, ...], ...] = ()
 
 
-def flop_terms(gm: fx.GraphModule, node: fx.Node) -> Tuple[Tuple[FlopTerm, ...], Optional[fx.Node]]:
+def flop_terms(gm: fx.GraphModule, node: fx.Node,
+               shape_of: Optional[Callable[[fx.Node], Optional[Sequence[int]]]] = None,
+               ) -> Tuple[Tuple[FlopTerm, ...], Optional[fx.Node]]:
     """(the node's FLOP terms for the whole batch, the node holding its weight or None);
-    shapes are read from ``node.meta["tensor_meta"]`` (ShapeProp)."""
+    shapes are read from ``node.meta["tensor_meta"]`` (ShapeProp), or from
+    ``shape_of(node)`` (a tensor output's shape, None when unknown) when given."""
+    token = _SHAPE_OF.set(shape_of)
+    try:
+        return _flop_terms(gm, node)
+    finally:
+        _SHAPE_OF.reset(token)
+
+
+def _flop_terms(gm: fx.GraphModule, node: fx.Node) -> Tuple[Tuple[FlopTerm, ...], Optional[fx.Node]]:
     out, reads = ("tensor", node.name), ("reads", node.name)
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
