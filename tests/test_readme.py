@@ -24,3 +24,14 @@ def test_transformer_example_runs(capsys):
     exec(compile(code, str(README), "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out
     assert "M parameters (from 28.0M), heads per layer [" in out
+
+
+def test_budget_example_runs_on_the_quickstart_model(capsys):
+    text = README.read_text()
+    quickstart = re.search(r"## Quickstart\s+```python\n(.*?)```", text, re.S).group(1)
+    budget = re.search(r"## Budgets: parameters, FLOPs or latency\s+.*?```python\n(.*?)```", text, re.S).group(1)
+    namespace = {"__name__": "readme"}
+    exec(compile(quickstart, str(README), "exec"), namespace)
+    exec(compile(budget, str(README), "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "budget flops: target 50.00% removed" in out and "FLOPs / sample" in out
