@@ -5,7 +5,9 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+import disparse_fx as dfx
 from passes.channel_groups import find_channel_groups
 from passes.errors import DisparseValueError, PostconditionError
 from passes.insert_channel_masks import insert_channel_masks, is_channel_mask
@@ -269,3 +271,35 @@ def test_parity_check_holds_for_random_ops_baked_into_the_graph():
     groups = find_channel_groups(gm, (torch.randn(4, 6),))
     for seed in range(5):
         slim_channels(gm, groups, random_keep(groups, p=0.5, seed=seed))  # raises on a mismatch
+
+
+class ClassToken(nn.Module):
+    """A class token expanded to the batch size read at run time, joined to the tokens:
+    compressed on a batch of 1, where the expand's batch size equals the token's 1."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.embed = nn.Linear(8, c)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, c))
+        self.fc1, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+        self.a, self.b = nn.Linear(c, 3), nn.Linear(c, 2)
+
+    def forward(self, x):  # (N, L, 8)
+        h = self.embed(x)
+        h = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), h], dim=1)
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return {"a": self.a(h[:, 0]), "b": self.b(h[:, 1:])}
+
+
+def test_slim_keeps_batch_sizes_read_at_run_time_when_compressed_on_one_sample():
+    torch.manual_seed(0)
+    model = ClassToken()
+    data = [{"input": torch.randn(1, 5, 8), "a": torch.randn(1, 3), "b": torch.randn(1, 5, 2)}]
+    losses = {t: (lambda t: lambda p, b: F.mse_loss(p, b[t]))(t) for t in ("a", "b")}
+    result = dfx.compress(model, losses, data, dfx.CompressConfig(
+        sparsity=0.5, granularity="channel", criterion="magnitude", num_batches=1, progress=False))
+    slim = dfx.slim(result)
+    assert slim.cls_token.shape[-1] < 16  # the residual width (and the token with it) was cut
+    x = torch.randn(3, 5, 8)
+    for t, v in result.model.eval()(x).items():
+        torch.testing.assert_close(slim.eval()(x)[t], v, atol=1e-5, rtol=1e-4)

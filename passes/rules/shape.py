@@ -342,10 +342,13 @@ def _expand_slim(sctx):
     if len(sizes) != len(out_shape):
         return
     for j, s in enumerate(sizes):
-        if j >= lead and x_shape[j - lead] == out_shape[j]:
+        # a size of 1 computed at run time (a batch size seen as 1 on the example) may
+        # broadcast at other sizes: it stays as written, like any size whose channels stay
+        follows = j >= lead and x_shape[j - lead] == out_shape[j] and not (out_shape[j] == 1 and isinstance(s, fx.Node))
+        if follows:
             sizes[j] = -1  # follows x
-        elif sctx.is_size_dependent(s):
-            sizes[j] = out_shape[j]
+        elif sctx.is_size_dependent(s) and sctx.kept_count(node, j) != out_shape[j]:
+            sizes[j] = sctx.kept_count(node, j)  # the dim's channels were cut
     node.args = (x,) + ((tuple(sizes),) if packed else tuple(sizes))
 
 
