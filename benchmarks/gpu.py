@@ -1,8 +1,14 @@
 """GPU: the speed and cost benchmarks on a CUDA device (CUDA events, warm-up).
 
+Budgets (first): 3-task resnet50, vit_b_16 and convnext_tiny trunks (``--budget-models``)
+compressed on the device at a 50% params / FLOPs / latency budget, with uniform width and
+Torch-Pruning at the FLOPs budget's FLOPs, timed in fp32, bf16 and (``--compile``) bf16
+under torch.compile at batch 1 and 64 (``--batches 1 64``); the header counts the cells
+where a compact model is slower than its dense model.
+
 Speed: the models of benchmarks/speed.py (resnet50, mobilenet_v3_large, convnext_tiny
 trunks and the zoo DeepLab-ResNet) dense vs slim vs native (the same eager model at the
-slim widths) at 30/50/70% channel sparsity, round_to 1 and 8, batch 1 and 32, fp32,
+slim widths) at 30/50/70% channel sparsity, round_to 1 and 8, batch 1 and 64, fp32,
 latency from CUDA events over interleaved rounds after warm-up (medians); with
 ``--compile``, also torch.compile of the dense and one slim model (50%, round_to 8) per
 model. Cost: compress() vs the naive per-task loop (benchmarks/compress_cost.py) for 2
@@ -160,6 +166,86 @@ def bench_speed(args, device, budget: Budget) -> str:
             + tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n")
 
 
+def bench_budget(args, device, budget: Budget) -> str:
+    """3-task models at a 50% params / FLOPs / latency budget (compress on the device, so
+    round_to and the latency table follow it), uniform width and Torch-Pruning at the
+    FLOPs budget's FLOPs; fp32, bf16 and (with --compile) bf16 compiled at each batch."""
+    import copy
+
+    rows, slower = [], []
+    precisions = ["fp32", "bf16"] + (["bf16 compiled"] if args.compile else [])
+    for name in args.budget_models:
+        if not budget.left():
+            budget.skip(f"budget: {name}")
+            continue
+        dense = speed.build_budget_model(name, args.size).to(device)
+        x1 = torch.randn(1, 3, args.size, args.size, device=device)
+        xl = torch.randn(max(args.batches), 3, args.size, args.size, device=device)
+        with torch.no_grad():
+            losses = {t: (lambda p, b: p.float().mean()) for t in dense(x1)}
+        variants, notes, flops_result = {"dense": dense}, {}, None
+        for kind in args.budgets:
+            cfg = dfx.CompressConfig(sparsity=args.target, budget=kind, criterion="magnitude", granularity="channel",
+                                     num_batches=1, progress=False, latency_time_limit_s=60)
+            try:
+                result = dfx.compress(dense, losses, [{"input": xl if kind == "latency" else x1}], cfg)
+                variants[f"slim {kind}"] = dfx.slim(result).eval()
+                notes[f"slim {kind}"] = f"planned {result.plan.budget.achieved:.3f}"
+                flops_result = result if kind == "flops" else flops_result
+            except dfx.DisparseError as exc:
+                notes[f"slim {kind}"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        cpu = lambda m: copy.deepcopy(m).cpu()  # noqa: E731 - the FLOPs count and the peers run on the CPU
+        flops = {k: count_flops(m if isinstance(m, torch.fx.GraphModule) else trace_model(m), (x1.cpu(),)).total
+                 for k, m in ((k, cpu(m)) for k, m in variants.items())}
+        if flops_result is not None:
+            target = flops["slim flops"]
+            dense_cpu = cpu(dense)
+            variants["uniform width"], _ = speed.uniform_width(dense_cpu, flops_result, target, x1.cpu())
+            try:
+                variants["torch-pruning"], _ = speed.torch_pruning_at(dense_cpu, flops_result, target, x1.cpu())
+            except Exception as exc:  # noqa: BLE001 - reported
+                notes["torch-pruning"] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+            for k in ("uniform width", "torch-pruning"):
+                if k in variants:
+                    flops[k] = count_flops(trace_model(variants[k]), (x1.cpu(),)).total
+                    variants[k] = variants[k].to(device).eval()
+        lat: Dict[str, Dict[int, Dict[str, float]]] = {}
+        for prec in precisions:
+            models = {k: (m if prec == "fp32" else copy.deepcopy(m).to(torch.bfloat16)) for k, m in variants.items()}
+            if prec.endswith("compiled"):
+                models = {k: torch.compile(m) for k, m in models.items()}
+            lat[prec] = {}
+            for bs in args.batches:
+                xb = torch.randn(bs, 3, args.size, args.size, device=device,
+                                 dtype=torch.float32 if prec == "fp32" else torch.bfloat16)
+                runners = {k: (lambda m=m, xb=xb: m(xb)) for k, m in models.items()}
+                lat[prec][bs] = timed_latency(runners, device, args.rounds, args.warmup)
+        for k in variants:
+            row = [name, k, f"{flops['dense'] / flops[k]:.2f}x"]
+            for prec in precisions:
+                for bs in args.batches:
+                    t = lat[prec][bs][k]
+                    up = lat[prec][bs]["dense"] / t
+                    row.append(f"{t * 1e3:.2f} ms ({up:.2f}x)")
+                    if k != "dense" and up < 1.0:
+                        slower.append(f"{name} {k} {prec} b{bs} ({up:.2f}x)")
+            rows.append(row + [notes.get(k, "")])
+        for k, note in notes.items():
+            if k not in variants:
+                rows.append([name, k, ""] + [""] * (len(precisions) * len(args.batches)) + [note])
+        print(f"budget {name}: done ({time.perf_counter() - budget.t0:.0f} s)", flush=True)
+        del variants
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    headers = ["model", "variant", "FLOPs red."] + [f"{p} b{bs}" for p in precisions for bs in args.batches] + ["note"]
+    return (f"## Budgets (3-task models, {args.target:.0%} removed; input {args.size}x{args.size}; "
+            f"{args.rounds} interleaved rounds after {args.warmup} warm-up, medians; latency table at batch "
+            f"{max(args.batches)} fp32)\n\n"
+            f"- cells where a compact model is slower than its dense model: {len(slower)}"
+            + (f" ({'; '.join(slower[:10])})" if slower else "") + "\n\n"
+            + tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n")
+
+
 def bench_cost(args, device, budget: Budget) -> str:
     rows = []
     for n_tasks in args.tasks:
@@ -224,7 +310,7 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=speed.MODELS)
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     ap.add_argument("--round-to", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
@@ -240,6 +326,11 @@ def main(argv=None):
     ap.add_argument("--out", type=pathlib.Path, default=None)
     ap.add_argument("--tests", action="store_true", help="first run `pytest -q -m cuda tests/test_cuda.py`")
     ap.add_argument("--tests-timeout-s", type=float, default=180.0)
+    ap.add_argument("--budget-models", nargs="*", default=["resnet50", "vit_b_16", "convnext_tiny"],
+                    help="models of the budget section (speed.build_budget_model); none to skip it")
+    ap.add_argument("--budgets", nargs="+", default=["params", "flops", "latency"],
+                    choices=["params", "flops", "latency"])
+    ap.add_argument("--target", type=float, default=0.5, help="budget target (fraction removed)")
     _common.add_threads_argument(ap)
     args = ap.parse_args(argv)
     _common.set_threads(args.threads)
@@ -260,10 +351,12 @@ def main(argv=None):
         args.models, args.sparsities, args.round_to, args.batches, args.size = ["deeplab-tiny"], [0.5], [8], [1, 2], 32
         args.rounds, args.warmup, args.tasks, args.cost_model = 2, 1, [2], "tiny"
         args.cost_batches, args.cost_batch_size, args.cost_size, args.repeats = 1, 2, 32, 1
+        args.budget_models = ["deeplab-tiny"]
     out = _common.out_path(args.out, args.smoke, "gpu.md")
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     budget = Budget(args.budget_s)
-    body = bench_speed(args, device, budget) + "\n" + bench_cost(args, device, budget)
+    body = bench_budget(args, device, budget) + "\n" if args.budget_models else ""
+    body += bench_speed(args, device, budget) + "\n" + bench_cost(args, device, budget)
     extra = [f"device: {device_name(device)}" + (f" - {note}" if note else ""),
              f"total time {time.perf_counter() - budget.t0:.0f} s (budget {args.budget_s:.0f} s)"]
     if budget.skipped:
