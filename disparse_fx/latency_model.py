@@ -75,14 +75,15 @@ def latency_cost_model(gm: fx.GraphModule, groups: ChannelGroups, example: Tuple
             unmeasured += 1
             continue
         kind, m = _tabled(work, node)
-        grid = table.measure(kind, m, node, repeats=3)
+        measured = table.measure(kind, m, node, repeats=3)
         reads = factor_channels(groups, ("reads", node.name))
         out = factor_channels(groups, ("tensor", node.name))
-        if grid is None or len(reads) > 1 or len(out) != 1:
+        if measured is None or len(reads) > 1 or len(out) != 1:
             unmeasured += 1
             continue
+        ms, grid_in, grid_out = measured
         tabled[node.name] = CostTerm(weight=node_ms.get(node.name, 0.0), factors=(reads[0] if reads else _FIXED, out[0]),
-                                     table=grid, grid=torch.tensor(GRID, dtype=torch.float64), node=node.name)
+                                     table=ms, grid=grid_in, grid_out=grid_out, node=node.name)
     table.save()
     for node in work.graph.nodes:
         if node.name in tabled:
@@ -108,7 +109,8 @@ def latency_cost_model(gm: fx.GraphModule, groups: ChannelGroups, example: Tuple
     if summed > 0:
         scale = total_ms / summed
         terms = [CostTerm(weight=t.weight * scale, factors=t.factors,
-                          table=None if t.table is None else t.table * scale, grid=t.grid, node=t.node) for t in terms]
+                          table=None if t.table is None else t.table * scale, grid=t.grid, node=t.node,
+                          grid_out=t.grid_out) for t in terms]
     note = (f"latency table: {len(tabled)} layers measured on {device.type} ({dtype}, batch "
             f"{_batch(example)}, {torch.get_num_threads()} threads)"
             + (f"; {unmeasured} scaled by FLOPs (time limit {time_limit_s:g} s or unsupported shape)"
@@ -181,8 +183,12 @@ def _time_nodes(gm: fx.GraphModule, example, device, repeats: int) -> Dict[str, 
 
 
 def _time_forward(gm: fx.GraphModule, example, device, repeats: int) -> float:
+    """The end-to-end forward: the number every term is calibrated to, so more warm-up
+    (allocator, oneDNN primitives for new shapes) and more runs than the per-node timings."""
     with torch.no_grad():
-        return _median_ms(lambda: gm(*example), device, repeats)
+        for _ in range(2):
+            gm(*example)
+        return _median_ms(lambda: gm(*example), device, max(repeats, 10))
 
 
 class _Table:
@@ -213,29 +219,29 @@ class _Table:
         except OSError as exc:  # a read-only cache only costs re-measuring
             log.warning("latency table not cached (%s)", exc)
 
-    def measure(self, kind: str, m: nn.Module, node: fx.Node, repeats: int) -> Optional[torch.Tensor]:
-        """G x G milliseconds over GRID x GRID (input, output) kept fractions."""
+    def measure(self, kind: str, m: nn.Module, node: fx.Node, repeats: int):
+        """(milliseconds over the input x output widths measured, the input widths' and the
+        output widths' kept fractions): GRID rounded to multiples of 8 and deduplicated,
+        so the axes hold the fractions really measured (a 16-channel layer: 0.5 and 1)."""
         x_meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
         if x_meta is None:
             return None
         shape = tuple(x_meta.shape)
         c_in = m.in_channels if kind != "linear" else m.in_features
         c_out = m.out_channels if kind != "linear" else m.out_features
-        table = torch.zeros(len(GRID), len(GRID), dtype=torch.float64)
-        for i, fi in enumerate(GRID):
-            for j, fo in enumerate(GRID):
-                if kind == "depthwise" and i != j:
-                    continue
-                wi, wo = _width(fi, c_in), _width(fo, c_out)
-                key = f"{kind}|{wi}|{wo}|{_signature(m)}|{shape}"
+        w_out = sorted({_width(f, c_out) for f in GRID})
+        w_in = [None] if kind == "depthwise" else sorted({_width(f, c_in) for f in GRID})
+        table = torch.zeros(len(w_in), len(w_out), dtype=torch.float64)
+        for i, wi in enumerate(w_in):
+            for j, wo in enumerate(w_out):
+                wi_ = wo if wi is None else wi  # depthwise: as many inputs as outputs
+                key = f"{kind}|{wi_}|{wo}|{_signature(m)}|{shape}"
                 if key not in self.entries:
-                    self.entries[key] = self._time(kind, m, shape, wi, wo, repeats)
+                    self.entries[key] = self._time(kind, m, shape, wi_, wo, repeats)
                     self.dirty = True
                 table[i, j] = self.entries[key]
-        if kind == "depthwise":  # time follows the kept channels alone
-            diag = table.diagonal().clone()
-            table = diag.view(1, -1).expand(len(GRID), -1).clone()
-        return table
+        frac_in = torch.tensor([1.0] if kind == "depthwise" else [w / c_in for w in w_in], dtype=torch.float64)
+        return table, frac_in, torch.tensor([w / c_out for w in w_out], dtype=torch.float64)
 
     def _time(self, kind, m, shape, wi, wo, repeats) -> float:
         dev, dt = self.device, self.dtype

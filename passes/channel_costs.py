@@ -56,15 +56,17 @@ __all__ = ["CostTerm", "ChannelCostModel", "factor_channels", "param_cost_model"
 @dataclass(frozen=True, eq=False)
 class CostTerm:
     """One term: ``weight * prod(kept fraction of each factor)``, or, with ``table`` (a
-    G x G tensor over ``grid`` x ``grid`` kept fractions of factors 0 and 1), the table
-    bilinearly interpolated. ``factors``: LongTensors of global channel ids (-1 = fixed).
-    ``node``: where the term comes from (for reports)."""
+    tensor over ``grid`` x ``grid_out``: increasing kept fractions of factors 0 and 1;
+    ``grid_out`` defaults to ``grid``), the table bilinearly interpolated.
+    ``factors``: LongTensors of global channel ids (-1 = fixed). ``node``: where the term
+    comes from (for reports)."""
 
     weight: float
     factors: Tuple[torch.Tensor, ...] = ()
     table: Optional[torch.Tensor] = None
     grid: Optional[torch.Tensor] = None
     node: str = ""
+    grid_out: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,7 +131,8 @@ class ChannelCostModel:
         if bool(ix["is_table"].any()):
             rows = []
             for i, t in enumerate(self.terms):
-                rows.append(_bilinear(t.table, t.grid, per[i, 0], per[i, 1]) if t.table is not None else out[i])
+                rows.append(_bilinear(t.table, t.grid, t.grid if t.grid_out is None else t.grid_out,
+                                      per[i, 0], per[i, 1]) if t.table is not None else out[i])
             out = torch.stack(rows)
         return out
 
@@ -147,16 +150,20 @@ class ChannelCostModel:
         return torch.zeros_like(k) if grad is None else grad.detach()
 
 
-def _bilinear(table: torch.Tensor, grid: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``table`` (G x G over ``grid`` x ``grid``) at (x, y), bilinear; clamped to the grid."""
-    def locate(v):
+def _bilinear(table: torch.Tensor, grid_x: torch.Tensor, grid_y: torch.Tensor, x: torch.Tensor,
+              y: torch.Tensor) -> torch.Tensor:
+    """``table`` (over ``grid_x`` x ``grid_y``) at (x, y), bilinear; clamped to the grid; a
+    grid of one point is constant along its axis."""
+    def locate(grid, v):
+        if len(grid) == 1:
+            return 0, 0, torch.zeros_like(v)
         v = v.clamp(float(grid[0]), float(grid[-1]))
         i = int(torch.searchsorted(grid, v.detach().reshape(1), right=True).clamp(1, len(grid) - 1))
         lo, hi = grid[i - 1], grid[i]
         return i - 1, i, (v - lo) / (hi - lo)
 
-    i0, i1, tx = locate(x)
-    j0, j1, ty = locate(y)
+    i0, i1, tx = locate(grid_x, x)
+    j0, j1, ty = locate(grid_y, y)
     top = table[i0, j0] * (1 - ty) + table[i0, j1] * ty
     bottom = table[i1, j0] * (1 - ty) + table[i1, j1] * ty
     return top * (1 - tx) + bottom * tx
