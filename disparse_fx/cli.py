@@ -147,7 +147,7 @@ def _config_options() -> Tuple[ConfigOption, ...]:
                                "parameters, FLOPs per sample, or forward latency on the model's device "
                                "(a per-layer table measured once and cached)", choices=BUDGETS),
         ConfigOption("round_to", "channel granularity: kept channel counts are multiples of it "
-                                 "(default: 8 on CUDA, for 16-bit weights and a latency budget, else 1)", type=int),
+                                 "(default: 8 on CUDA, for 16-bit weights and a FLOPs or latency budget, else 1)", type=int),
         ConfigOption("best_effort", "accept the most that can be removed when the target cannot be reached "
                                     "(default: an error naming what pins the rest)", action="store_true"),
         ConfigOption("granularity", "prune single weights or whole channels", choices=GRANULARITIES),

@@ -20,9 +20,11 @@ BUDGETS = ("params", "flops", "latency")
 def default_round_to(device: torch.device, dtype: torch.dtype, budget: str = "params") -> int:
     """The channel alignment when ``round_to`` is None: 8 on CUDA (tensor-core GEMMs want
     multiples of 8 in 16-bit types; cuDNN/cuBLAS pick their fast kernels for them), 8 for
-    16-bit weights and for a latency budget anywhere (oneDNN blocks channels by 8 on AVX2
-    and 16 on AVX-512), else 1 (FLOPs and parameters are exact at any width)."""
-    if torch.device(device).type == "cuda" or dtype in (torch.float16, torch.bfloat16) or budget == "latency":
+    16-bit weights and for a FLOPs or latency budget anywhere (those users buy speed, and
+    oneDNN / onnxruntime block channels by 8 on AVX2 and 16 on AVX-512: odd widths ran the
+    demo's slim model slower than its dense one in onnxruntime), else 1 (a parameter
+    budget is exact at any width)."""
+    if torch.device(device).type == "cuda" or dtype in (torch.float16, torch.bfloat16) or budget != "params":
         return 8
     return 1
 
@@ -68,8 +70,8 @@ class CompressConfig:
     progress: show a tqdm bar over batches (only when stderr is a terminal).
     round_to: channel granularity only; kept channel counts are multiples of it (capped at
         the group size). None (the default) follows the model's device and dtype and the
-        budget (:func:`default_round_to`: 8 on CUDA, for 16-bit weights and for a latency
-        budget, else 1).
+        budget (:func:`default_round_to`: 8 on CUDA, for 16-bit weights and for a FLOPs or
+        latency budget, else 1).
     budget: channel granularity only; what ``sparsity`` counts: "params" (the fraction
         of prunable parameters removed after slimming; the default), "flops" (the
         fraction of the model's FLOPs per sample at the example input's shape removed, as

@@ -59,7 +59,8 @@ def flops_removed(result, slim, x):
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
 def test_flops_budget_is_hit_after_slimming_on_the_deeplab_model(sparsity):
     model, losses, data = deeplab_case()
-    result = dfx.compress(model, losses, data, config("flops", sparsity))
+    # round_to=1: the tiny model's groups are too small for the default alignment of 8
+    result = dfx.compress(model, losses, data, config("flops", sparsity, round_to=1))
     slim = dfx.slim(result)
     x = data[0]["input"][:1]
     removed = flops_removed(result, slim, x)
@@ -82,6 +83,19 @@ def test_flops_budget_is_hit_on_torchvision_trunks(name):
     for keep in result.plan.channels.keep.values():
         group_sizes = {g.id: g.size for g in result.plan.channels.groups.groups}
     assert all(int(k.sum()) % 8 == 0 or int(k.sum()) == group_sizes[g] for g, k in result.plan.channels.keep.items())
+
+
+def test_the_default_alignment_follows_the_budget():
+    from disparse_fx.config import default_round_to
+
+    cpu = torch.device("cpu")
+    assert default_round_to(cpu, torch.float32, "params") == 1
+    assert default_round_to(cpu, torch.float32, "flops") == default_round_to(cpu, torch.float32, "latency") == 8
+    assert default_round_to(cpu, torch.bfloat16, "params") == default_round_to(torch.device("cuda"), torch.float32) == 8
+    model, losses, data = torchvision_case("resnet18")
+    keep = dfx.compress(model, losses, data, config("flops")).plan.channels.keep  # round_to=None
+    sizes = {g.id: g.size for g in dfx.compress(model, losses, data, config("params")).plan.channels.groups.groups}
+    assert all(int(k.sum()) % 8 == 0 or int(k.sum()) == sizes[g] for g, k in keep.items())
 
 
 def test_a_flops_budget_removes_more_flops_than_a_parameter_budget():
@@ -208,7 +222,7 @@ def test_an_unreachable_target_raises_naming_the_most_reachable_and_the_pinned_g
 
 def test_summary_shows_the_budget_before_and_after():
     model, losses, data = deeplab_case()
-    result = dfx.compress(model, losses, data, config("flops"))
+    result = dfx.compress(model, losses, data, config("flops", round_to=1))
     text = result.summary()
     assert "budget flops" in text and "FLOPs / sample" in text and "parameters" in text
     assert math.isclose(result.plan.budget.target, 0.5)
