@@ -38,6 +38,16 @@ def test_compress_cost_smoke(tmp_path):
     assert "Analysis time" in text
 
 
+def test_speed_budget_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISPARSE_FX_CACHE", str(tmp_path / "cache"))  # the latency table's cache
+    out = tmp_path / "speed_budget.md"
+    _check(_run("speed.py", "--budgets", "--smoke", "--no-peers", "--out", str(out)))
+    text = out.read_text()
+    _header_ok(text)
+    for row in ("slim params 50%", "slim flops 50%", "uniform width", "cells where a compact model is slower"):
+        assert row in text
+
+
 def test_speed_smoke(tmp_path):
     out = tmp_path / "speed.md"
     _check(_run("speed.py", "--smoke", "--out", str(out)))
