@@ -171,7 +171,6 @@ def decide_channels(
         r = _search(ranked.c_min, keep_at, removed_at, config.sparsity)
         return ranked, keep_at, r
 
-    ranked, keep_at, r = choose(cost)
     if budget_model is not None:
         # Cost-aware ranking: a channel costs what its removal saves at the current widths
         # of its neighbours; re-estimated at each plan (damped, so the order settles).
@@ -181,7 +180,7 @@ def decide_channels(
             ranked, keep_at, r = choose(cost)
             now = _split(budget_model.marginal(groups.keep_vector(keep_at(r)[0]).double()), groups)
             cost = {gid: 0.5 * (cost[gid] + now[gid]) for gid in cost}
-        ranked, keep_at, r = choose(cost)
+    ranked, keep_at, r = choose(cost)
     keep, extra = keep_at(r)
     achieved = removed_at(keep)
     if achieved < config.sparsity - _TOLERANCE:  # coarse channels, or a target out of reach?
