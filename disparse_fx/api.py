@@ -176,10 +176,12 @@ def slim(result: CompressionResult, example_inputs=None) -> fx.GraphModule:
     Channel-granularity results remove every channel the plan removed. Element results
     remove the channels their element masks emptied entirely (exact only: a channel
     some kept weight still reads stays), keeping the remaining masks folded into the
-    weights. The slim model computes what the masked model computes (checked: eval mode,
-    max abs diff <= 1e-4 x output scale), keeps parameters' device and dtype, and never
-    shares storage with ``result.model``. ``example_inputs``: defaults to random inputs
-    shaped like the batches compress() saw.
+    weights; around an op without a channel rule every channel is kept, with a logged
+    warning naming the node (a channel result cannot contain such an op: compress
+    raises :class:`UnsupportedOpError`). The slim model computes what the masked model
+    computes (checked: eval mode, max abs diff <= 1e-4 x output scale), keeps
+    parameters' device and dtype, and never shares storage with ``result.model``.
+    ``example_inputs``: defaults to random inputs shaped like the batches compress() saw.
     """
     if not isinstance(result, CompressionResult):
         raise DisparseValueError(f"slim expects the CompressionResult of compress(), got {type(result).__name__}")
@@ -192,7 +194,9 @@ def slim(result: CompressionResult, example_inputs=None) -> fx.GraphModule:
         raise DisparseValueError("slim needs example_inputs: compress() saw no batch to take their shapes from")
     example = example if isinstance(example, tuple) else (example,)
     folded = fold_masks(result.model)  # pruned weights are zeros; masks leave the graph
-    groups = find_channel_groups(folded, example)
+    # exact-only removal may keep what it cannot analyse: an op without a channel rule
+    # keeps every channel it touches (a logged warning names it) instead of raising
+    groups = find_channel_groups(folded, example, unknown_ops="keep")
     # the model's mask buffers are the truth (dynamic sparse training moves them after compress)
     masks = {p: m != 0 for p, m in masked_params(result.model).items()}
     return slim_channels(folded, groups, channels_emptied_by(groups, masks))

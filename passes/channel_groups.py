@@ -52,7 +52,7 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from .errors import DisparseValueError, UnsupportedOpError
-from .rules import Labels, describe, lookup_channel_rule
+from .rules import ChannelRule, Labels, describe, lookup_channel_rule
 from .rules._types import Const, LazyDim, TensorInfo
 
 __all__ = [
@@ -63,10 +63,13 @@ __all__ = [
     "RuleContext",
     "find_channel_groups",
     "ATTENTION_POLICIES",
+    "UNKNOWN_OPS",
 ]
 
 #: What a channel of an attention block is (see passes.rules.attention).
 ATTENTION_POLICIES = ("heads", "head_dims")
+#: What find_channel_groups does at an op without a channel rule.
+UNKNOWN_OPS = ("raise", "keep")
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +156,10 @@ class ChannelGroups:
     the kept channels only. ``attention``: "heads" or "head_dims", what a channel of an
     attention block is (see :mod:`passes.rules.attention`). ``attention_units``:
     ``(node, kind, global channel ids)`` for every place that splits attention into heads
-    (kind "heads", "head_dims", "qk_dims" or "v_dims"), for reports.
+    (kind "heads", "head_dims", "qk_dims" or "v_dims"), for reports. ``unknown_nodes``:
+    the nodes without a channel rule that ``find_channel_groups(unknown_ops="keep")``
+    kept whole (every channel they touch is in a fixed group; the slim pass leaves them
+    as they are).
     """
 
     groups: Tuple[ChannelGroup, ...]
@@ -170,6 +176,7 @@ class ChannelGroups:
     attention_units: Tuple[Tuple[str, str, torch.Tensor], ...] = ()
     normalizations: Tuple[Contraction, ...] = ()
     attention: str = "heads"
+    unknown_nodes: Tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return (f"ChannelGroups({len(self.groups)} groups, {len(self.removable_groups())} removable, "
@@ -616,8 +623,10 @@ def _cat_shape(n: fx.Node, env: Dict[fx.Node, Any]) -> Optional[Tuple[Shape, tor
 
 
 class _Analysis(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, attention: str = "heads"):
+    def __init__(self, gm: fx.GraphModule, attention: str = "heads", unknown_ops: str = "raise"):
         super().__init__(gm, garbage_collect_values=True)
+        self.unknown_ops = unknown_ops
+        self.unknown: List[Tuple[str, str]] = []  # (node name, description) kept whole for lack of a rule
         from .rules.attention import find_head_splits
 
         self.attention = attention
@@ -758,7 +767,13 @@ class _Analysis(fx.Interpreter):
         if n.op == "output":
             self._pin_outputs(n, args[0] if args else None)
             return None
-        rule = lookup_channel_rule(n, self.module)
+        try:
+            rule = lookup_channel_rule(n, self.module)
+        except UnsupportedOpError:
+            if self.unknown_ops != "keep":
+                raise
+            rule = _KEEP_UNKNOWN
+            self.unknown.append((n.name, describe(n, self.module)))
         cargs, ckwargs = self.fetch_args_kwargs_from_env(n)
         ctx = RuleContext(self, n, args, kwargs, cargs, ckwargs, result)
         out = rule.propagate(ctx)
@@ -992,11 +1007,33 @@ class _Analysis(fx.Interpreter):
             normalizations=norms,
             attention=self.attention,
             attention_units=tuple((node, kind, gids(lab)) for node, kind, lab in self.attention_units),
+            unknown_nodes=tuple(name for name, _ in self.unknown),
         )
 
 
-def _run(gm: fx.GraphModule, example_inputs: tuple, *, fake: bool, attention: str) -> "_Analysis":
-    analysis = _Analysis(gm, attention)
+def _keep_unknown(ctx: RuleContext) -> None:
+    """The stand-in rule of an op without one (``unknown_ops="keep"``): every channel it
+    reads - of its tensor arguments, and of its module's parameters and buffers - is
+    pinned, and its outputs carry no channels, so whatever reads them keeps its channels
+    too. Never a guess: nothing around the op changes shape."""
+    reason = f"{ctx.describe()} has no channel rule; its channels are kept (unknown_ops='keep')"
+    for x in ctx.tensors():
+        for d in range(x.ndim):
+            ctx.pin(ctx.labels(x, d), reason)
+    if ctx.node.op == "call_module":
+        m = ctx.module
+        for name, t in [*m.named_parameters(remove_duplicate=False), *m.named_buffers(remove_duplicate=False)]:
+            for d in range(t.dim()):
+                ctx.pin(ctx.param(name, d), reason)
+    return None
+
+
+_KEEP_UNKNOWN = ChannelRule(_keep_unknown, name="keep_unknown")
+
+
+def _run(gm: fx.GraphModule, example_inputs: tuple, *, fake: bool, attention: str,
+         unknown_ops: str) -> "_Analysis":
+    analysis = _Analysis(gm, attention, unknown_ops)
     with torch.no_grad():
         if not fake:
             analysis.run(*example_inputs)
@@ -1015,6 +1052,7 @@ def find_channel_groups(
     prunable: Optional[Callable[[str, nn.Parameter], bool]] = None,
     fake_tensors: bool = True,
     attention: str = "heads",
+    unknown_ops: str = "raise",
 ) -> ChannelGroups:
     """Find the channel groups of ``gm`` (see the module docstring).
 
@@ -1032,13 +1070,22 @@ def find_channel_groups(
         attention: what a channel of an attention block is: ``"heads"`` (a whole head:
             its q, k and v rows and its out-projection columns) or ``"head_dims"`` (one
             dimension of every head: the same position in each head, q and k together).
+        unknown_ops: what an op without a channel rule does: ``"raise"`` (default: the
+            analysis never guesses) or ``"keep"``: every channel the op reads (its tensor
+            arguments, its module's parameters and buffers) is fixed, its outputs carry
+            no channels, and a warning names each such node (name, target, source line).
+            For analyses that only remove channels proven dead (an element slim); the
+            groups list the nodes in ``unknown_nodes``.
 
-    Raises :class:`UnsupportedOpError` for an op without a channel rule.
+    Raises :class:`UnsupportedOpError` for an op without a channel rule (unless
+    ``unknown_ops="keep"``), :class:`DisparseValueError` for a bad argument.
     """
     if not isinstance(gm, fx.GraphModule):
         raise DisparseValueError(f"find_channel_groups expects an fx.GraphModule, got {type(gm).__name__}")
     if attention not in ATTENTION_POLICIES:
         raise DisparseValueError(f"attention must be one of {ATTENTION_POLICIES}, got {attention!r}")
+    if unknown_ops not in UNKNOWN_OPS:
+        raise DisparseValueError(f"unknown_ops must be one of {UNKNOWN_OPS}, got {unknown_ops!r}")
     if not isinstance(example_inputs, tuple):
         example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
     modes = [(m, m.training) for m in gm.modules()]
@@ -1047,18 +1094,21 @@ def find_channel_groups(
         analysis = None
         if fake_tensors:
             try:
-                analysis = _run(gm, example_inputs, fake=True, attention=attention)
+                analysis = _run(gm, example_inputs, fake=True, attention=attention, unknown_ops=unknown_ops)
             except UnsupportedOpError:
                 raise
             except Exception as exc:  # noqa: BLE001 - an op fake tensors cannot run: run for real
                 log.debug("fake-tensor shape propagation failed (%s: %s); running the model",
                           type(exc).__name__, exc)
         if analysis is None:
-            analysis = _run(gm, example_inputs, fake=False, attention=attention)
+            analysis = _run(gm, example_inputs, fake=False, attention=attention, unknown_ops=unknown_ops)
     finally:
         for m, mode in modes:
             m.training = mode
     result = analysis.result(prunable)
+    if analysis.unknown:
+        log.warning("no channel rule for %d node(s); every channel they read or write is kept:\n  %s",
+                    len(analysis.unknown), "\n  ".join(text for _, text in analysis.unknown))
     log.debug("found %d channel groups (%d removable) in %s", len(result.groups),
               len(result.removable_groups()), type(gm).__name__)
     return result

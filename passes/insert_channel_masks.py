@@ -11,7 +11,9 @@ Two more kinds of op read every channel. A LayerNorm (or RMSNorm) over the last 
 takes statistics over its channels: it becomes ``masked_layer_norm(x, keep, ...)``,
 which takes them over the kept channels only (the slim LayerNorm's statistics). An
 attention module whose heads (internal channels) are removed becomes
-:class:`passes.attention.MultiheadAttention` with head masks. Ops that mix channels in
+:class:`passes.attention.MultiheadAttention` with head masks; an RNN whose hidden units
+are removed becomes :class:`passes.rules.rnn.MaskedLSTM` (GRU, RNN), whose recurrence
+ignores the removed units. Ops that mix channels in
 any other way (softmax over channels, a mean over channels) have their channels pinned
 by the analysis, so no mask is needed there. In eval mode the masked model computes,
 for every task output, exactly what :func:`passes.slim.slim_channels` computes.
@@ -90,6 +92,7 @@ from .errors import DisparseValueError
 from .rules import SlimContext, lookup_channel_rule, register_channel_rule
 from .rules.elementwise import elementwise
 from .rules.norm import masked_layer_norm_rule, masked_rms_norm_rule
+from .rules.rnn import is_masked_rnn, unmasked_rnn
 
 __all__ = ["insert_channel_masks", "channel_mask", "is_channel_mask", "fold_channel_masks", "MASK_MODULE",
            "masked_layer_norm", "masked_rms_norm", "is_masked_norm"]
@@ -197,7 +200,7 @@ def fold_channel_masks(gm: fx.GraphModule) -> int:
         elif is_masked_norm(node):
             _restore_norm(gm, node)
             count += 1
-    count += _unmask_attention(gm)
+    count += _unmask_modules(gm)
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and str(node.target).startswith(MASK_MODULE + ".") and not node.users:
             gm.graph.erase_node(node)
@@ -227,13 +230,18 @@ def _restore_norm(gm: fx.GraphModule, node: fx.Node) -> None:
         node.target, node.args, node.kwargs = torch.nn.functional.layer_norm, (x, shape, weight, bias, eps), {}
 
 
-def _unmask_attention(gm: fx.GraphModule) -> int:
-    """Attention modules carrying head masks get a mask-free twin (same parameters)."""
+def _unmask_modules(gm: fx.GraphModule) -> int:
+    """Attention modules carrying head masks, and masked RNNs, get a mask-free twin (same
+    parameters)."""
     count = 0
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         m = gm.get_submodule(node.target)
+        if is_masked_rnn(m):
+            gm.add_submodule(node.target, unmasked_rnn(m))
+            count += 1
+            continue
         if isinstance(m, MultiheadAttention) and any(
                 getattr(m, b, None) is not None for b in ("head_keep", "qk_dim_keep", "v_dim_keep")):
             h, dqk, dv, scale = mha_sizes(m)

@@ -180,8 +180,9 @@ def _run_hooks(gm: fx.GraphModule, groups: ChannelGroups, flat: torch.Tensor) ->
     for node in list(gm.graph.nodes):
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
-        if node.name not in groups.node_channels or not _touched(node, groups, flat):
-            continue
+        if node.name not in groups.node_channels or node.name in groups.unknown_nodes or \
+                not _touched(node, groups, flat):
+            continue  # an op kept whole for lack of a rule has nothing to adapt
         rule = lookup_channel_rule(node, gm)
         if rule.slim is None:
             continue

@@ -82,4 +82,4 @@ from .registry import (_RULES, ChannelRule, Labels, SlimContext, _first, describ
 from .registry import __all__  # noqa: F401 - the package's public names are the registry's
 
 # Built-in rules register themselves on import.
-from . import attention, conv, elementwise, embedding, norm, pooling, shape, torchvision_ops  # noqa: E402,F401
+from . import attention, conv, elementwise, embedding, norm, pooling, rnn, shape, torchvision_ops  # noqa: E402,F401
