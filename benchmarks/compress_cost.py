@@ -46,9 +46,9 @@ import _common  # noqa: E402
 
 import disparse_fx as dfx  # noqa: E402
 from disparse_fx.zoo import DEFAULT_TASKS, deeplab_resnet, multitask_from_torchvision  # noqa: E402
-from passes.channel_groups import find_channel_groups  # noqa: E402
-from passes.ownership import analyze_ownership  # noqa: E402
-from passes.trace import trace_model  # noqa: E402
+from disparse_fx.passes.channel_groups import find_channel_groups  # noqa: E402
+from disparse_fx.passes.ownership import analyze_ownership  # noqa: E402
+from disparse_fx.passes.trace import trace_model  # noqa: E402
 
 RESULTS = _common.RESULTS
 

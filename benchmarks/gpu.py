@@ -50,8 +50,8 @@ import compress_cost  # noqa: E402
 import speed  # noqa: E402
 
 import disparse_fx as dfx  # noqa: E402
-from passes.flops import count_flops  # noqa: E402
-from passes.trace import trace_model  # noqa: E402
+from disparse_fx.passes.flops import count_flops  # noqa: E402
+from disparse_fx.passes.trace import trace_model  # noqa: E402
 
 
 def pick_device(name: str, smoke: bool):

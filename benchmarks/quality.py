@@ -77,9 +77,9 @@ import disparse_fx as dfx  # noqa: E402
 from disparse_fx.data import HIGHER_IS_BETTER, TASK_METRICS, cache_dir, default_task_losses, delta_t, evaluate, make_splits  # noqa: E402
 from disparse_fx.demo import train_dense  # noqa: E402
 from disparse_fx.zoo import DEFAULT_TASKS, deeplab_resnet  # noqa: E402
-from passes.flops import count_flops  # noqa: E402
-from passes.insert_masks import masked_params  # noqa: E402
-from passes.trace import trace_model  # noqa: E402
+from disparse_fx.passes.flops import count_flops  # noqa: E402
+from disparse_fx.passes.insert_masks import masked_params  # noqa: E402
+from disparse_fx.passes.trace import trace_model  # noqa: E402
 
 ELEMENT_METHODS = ["disparse-snip", "disparse-taylor", "disparse-magnitude", "disparse-dynamic",
                    "summed-snip", "summed-taylor", "summed-magnitude", "random", "erk-random"]

@@ -46,8 +46,8 @@ import _common  # noqa: E402
 import disparse_fx as dfx  # noqa: E402
 from disparse_fx.latency import interleaved_latency, onnxruntime_runner, torch_runner  # noqa: E402
 from disparse_fx.zoo import DEFAULT_TASKS, deeplab_resnet, multitask_from_torchvision  # noqa: E402
-from passes.flops import count_flops  # noqa: E402
-from passes.trace import trace_model  # noqa: E402
+from disparse_fx.passes.flops import count_flops  # noqa: E402
+from disparse_fx.passes.trace import trace_model  # noqa: E402
 
 MODELS = ["resnet50", "mobilenet_v3_large", "convnext_tiny", "deeplab-small"]
 
@@ -214,9 +214,9 @@ def output_layers(result) -> List[str]:
 def uniform_width(dense, result, target_flops: float, x1, round_to: int = 8):
     """Every removable channel group cut to one common kept fraction (first channels in
     index order, counts rounded to ``round_to``), the fraction bisected to ``target_flops``."""
-    from passes.channel_costs import flop_cost_model
-    from passes.insert_channel_masks import insert_channel_masks
-    from passes.slim import slim_channels
+    from disparse_fx.passes.channel_costs import flop_cost_model
+    from disparse_fx.passes.insert_channel_masks import insert_channel_masks
+    from disparse_fx.passes.slim import slim_channels
 
     groups = result.plan.channels.groups
     gm = trace_model(dense)

@@ -41,7 +41,7 @@ MODELS = ["vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "swin_t", "swin_s", "s
 def attention_sizes(model: torch.nn.Module):
     """(attention layers, total heads, head widths seen) over the model's attention modules
     and Swin window-attention calls."""
-    from passes.attention import MultiheadAttention as Slimmable
+    from disparse_fx.passes.attention import MultiheadAttention as Slimmable
 
     layers, heads, widths = 0, 0, set()
     for m in model.modules():

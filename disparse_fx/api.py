@@ -10,13 +10,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from passes.channel_groups import find_channel_groups
-from passes.insert_channel_masks import insert_channel_masks
-from passes.insert_masks import fold_masks, insert_masks, masked_params
-from passes.slim import channels_emptied_by, slim_channels
-from passes.ownership import analyze_ownership
-from passes.prunable import default_prunable_params
-from passes.trace import trace_model
+from disparse_fx.passes.channel_groups import find_channel_groups
+from disparse_fx.passes.insert_channel_masks import insert_channel_masks
+from disparse_fx.passes.insert_masks import fold_masks, insert_masks, masked_params
+from disparse_fx.passes.slim import channels_emptied_by, slim_channels
+from disparse_fx.passes.ownership import analyze_ownership
+from disparse_fx.passes.prunable import default_prunable_params
+from disparse_fx.passes.trace import trace_model
 
 from .budget import budget_model, budget_report
 from .channel_decision import decide_channels

@@ -15,8 +15,8 @@ from typing import Mapping, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-from passes.channel_costs import ChannelCostModel, flop_cost_model, param_cost_model
-from passes.channel_groups import ChannelGroups
+from disparse_fx.passes.channel_costs import ChannelCostModel, flop_cost_model, param_cost_model
+from disparse_fx.passes.channel_groups import ChannelGroups
 
 from .config import CompressConfig
 

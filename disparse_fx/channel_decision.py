@@ -59,8 +59,8 @@ from typing import Dict, Hashable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from passes.channel_costs import ChannelCostModel, param_cost_model
-from passes.channel_groups import ChannelGroups
+from disparse_fx.passes.channel_costs import ChannelCostModel, param_cost_model
+from disparse_fx.passes.channel_groups import ChannelGroups
 
 from .config import CompressConfig
 from .decision import _rank_descending

@@ -306,7 +306,7 @@ def _model(spec: str):
 
 
 def _dummy_losses(model) -> dict:
-    from passes.trace import task_names, trace_model
+    from disparse_fx.passes.trace import task_names, trace_model
 
     return {t: (lambda pred, batch: pred.float().sum()) for t in task_names(trace_model(model))}
 

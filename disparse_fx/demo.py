@@ -29,8 +29,8 @@ import torch
 from tabulate import tabulate
 from torch.utils.data import DataLoader
 
-from passes.flops import count_flops
-from passes.trace import trace_model
+from disparse_fx.passes.flops import count_flops
+from disparse_fx.passes.trace import trace_model
 
 from .api import compress, slim
 from .cli import positive_int

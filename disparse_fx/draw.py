@@ -19,7 +19,7 @@ its last conv / linear. Boxes are laid out left to right by topological generati
 (``networkx.topological_generations``).
 
 >>> import os, tempfile, torch.nn as nn
->>> from passes.trace import trace_model
+>>> from disparse_fx.passes.trace import trace_model
 >>> class Net(nn.Module):
 ...     def __init__(self):
 ...         super().__init__()
@@ -48,8 +48,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes.insert_channel_masks import is_channel_mask
-from passes.trace import task_output_nodes
+from disparse_fx.passes.insert_channel_masks import is_channel_mask
+from disparse_fx.passes.trace import task_output_nodes
 
 from .errors import DisparseValueError
 

@@ -4,7 +4,7 @@ Those about a bad argument also derive from ValueError. Every message names the
 offending thing (task, parameter, graph node with its source line) and what would be
 accepted.
 """
-from passes.errors import (  # the hierarchy lives in the lower layer, which raises it too
+from disparse_fx.passes.errors import (  # the hierarchy lives in the lower layer, which raises it too
     DisparseError,
     DisparseValueError,
     PostconditionError,

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from passes.trace import task_output_nodes
+from disparse_fx.passes.trace import task_output_nodes
 
 from .errors import DisparseError, DisparseValueError
 

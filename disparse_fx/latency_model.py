@@ -40,9 +40,9 @@ import torch.fx as fx
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from passes.channel_costs import ChannelCostModel, CostTerm, factor_channels
-from passes.channel_groups import ChannelGroups
-from passes.flops import flop_terms, shape_propagated
+from disparse_fx.passes.channel_costs import ChannelCostModel, CostTerm, factor_channels
+from disparse_fx.passes.channel_groups import ChannelGroups
+from disparse_fx.passes.flops import flop_terms, shape_propagated
 
 __all__ = ["latency_cost_model", "GRID"]
 

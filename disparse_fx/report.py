@@ -132,7 +132,7 @@ def _count(before: float, after: float) -> str:
 
 def _sections(result: "CompressionResult", example_inputs: Any, slim_model: Optional["fx.GraphModule"]):
     """(title, headers, rows) of the layer table and the totals table, and the notes."""
-    from passes.flops import count_flops
+    from disparse_fx.passes.flops import count_flops
 
     from .api import slim as slim_fn
 

@@ -45,7 +45,7 @@ mention of the current folder, the Python installation or the home folder is mad
 relative (``~/`` for home).
 
 >>> import torch, torch.nn as nn, tempfile, os
->>> from passes.trace import trace_model
+>>> from disparse_fx.passes.trace import trace_model
 >>> class Net(nn.Module):
 ...     def __init__(self):
 ...         super().__init__()
@@ -84,7 +84,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from passes.errors import user_frame
+from disparse_fx.passes.errors import user_frame
 
 from .errors import DisparseError, DisparseValueError
 
@@ -181,6 +181,12 @@ def register_module_type(cls: type) -> type:
     return cls
 
 
+def _current_name(name: Any) -> Any:
+    """A saved qualified name as this version spells it: files saved before the lower layer
+    installed as ``disparse_fx.passes`` name its functions and classes ``passes.<module>...``."""
+    return f"disparse_fx.{name}" if isinstance(name, str) and name.startswith("passes.") else name
+
+
 def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', None) or ''}.{getattr(obj, '__qualname__', getattr(obj, '__name__', ''))}"
 
@@ -226,13 +232,13 @@ def _registry() -> Tuple[Dict[str, Callable], Dict[int, str]]:
         add(f"builtins.{attr}", getattr(builtins, attr))
     add("torch._assert", torch._assert)
     add("torch.func.functional_call", torch.func.functional_call)
-    from passes import attention
-    from passes.insert_channel_masks import channel_mask, masked_layer_norm, masked_rms_norm
+    from disparse_fx.passes import attention
+    from disparse_fx.passes.insert_channel_masks import channel_mask, masked_layer_norm, masked_rms_norm
 
-    add("passes.insert_channel_masks.channel_mask", channel_mask)
-    add("passes.insert_channel_masks.masked_layer_norm", masked_layer_norm)
-    add("passes.insert_channel_masks.masked_rms_norm", masked_rms_norm)
-    add("passes.attention.shifted_window_attention", attention.shifted_window_attention)
+    add("disparse_fx.passes.insert_channel_masks.channel_mask", channel_mask)
+    add("disparse_fx.passes.insert_channel_masks.masked_layer_norm", masked_layer_norm)
+    add("disparse_fx.passes.insert_channel_masks.masked_rms_norm", masked_rms_norm)
+    add("disparse_fx.passes.attention.shifted_window_attention", attention.shifted_window_attention)
     try:  # torchvision's Swin functions (fx-wrapped, so they appear in graphs)
         from torchvision.models import swin_transformer as swin
 
@@ -264,8 +270,9 @@ def _module_class(name: str) -> Optional[type]:
     """The allowed nn.Module class called ``name`` (``torch.nn.modules.conv.Conv2d``), or None."""
     if name in _EXTRA_MODULE_TYPES:
         return _EXTRA_MODULE_TYPES[name]
-    if name == "passes.attention.MultiheadAttention":  # the slimmable attention of this library
-        from passes.attention import MultiheadAttention
+    name = _current_name(name)
+    if name == "disparse_fx.passes.attention.MultiheadAttention":  # the slimmable attention of this library
+        from disparse_fx.passes.attention import MultiheadAttention
 
         return MultiheadAttention
     mod_name, _, cls_name = name.rpartition(".")
@@ -291,7 +298,7 @@ def _config_type():
 
 
 def _dataclass_types() -> Dict[str, type]:
-    from passes.channel_groups import ChannelGroup, ChannelGroups, Contraction, GroupMember
+    from disparse_fx.passes.channel_groups import ChannelGroup, ChannelGroups, Contraction, GroupMember
 
     from .budget import BudgetReport
     from .channel_decision import ChannelPlan
@@ -430,7 +437,7 @@ class _Decoder:
             d = (collections.OrderedDict if tag == "$odict" else dict)((self(k), self(x)) for k, x in body)
             return types.MappingProxyType(d) if tag == "$mappingproxy" else d
         if tag == "$dataclass":
-            cls = self._dataclasses.get(body)
+            cls = self._dataclasses.get(_current_name(body))
             if cls is None:
                 raise DisallowedCallableError(f"the file names the data class {body!r}, which load() does not build "
                                               f"(known: {sorted(self._dataclasses)})")
@@ -709,7 +716,7 @@ def _decode_graph(nodes: List[Mapping[str, Any]], gm: fx.GraphModule,
         op, name, target = spec["op"], spec["name"], spec["target"]
         where = f"graph node '{name}' ({op} {target})"
         if op == "call_function":
-            fn = by_name.get(target)
+            fn = by_name.get(_current_name(target))
             if fn is None:
                 raise DisallowedCallableError(
                     f"{where} calls {target!r}, which is not in load()'s allow-list of callables (torch ops, "

@@ -46,8 +46,8 @@ import torch.fx as fx
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from passes.insert_channel_masks import MASK_MODULE, mask_plan, norm_mask_name
-from passes.insert_masks import masked_params
+from disparse_fx.passes.insert_channel_masks import MASK_MODULE, mask_plan, norm_mask_name
+from disparse_fx.passes.insert_masks import masked_params
 
 from . import distributed
 from .channel_decision import _element_masks, prunable_sparsity

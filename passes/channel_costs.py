@@ -20,7 +20,7 @@ its neighbours (exact for a channel whose term holds it once, the first-order es
 otherwise). The channel decision re-evaluates it as the plan shrinks.
 
 >>> import torch, torch.nn as nn
->>> from passes.channel_groups import find_channel_groups
+>>> from disparse_fx.passes.channel_groups import find_channel_groups
 >>> class Net(nn.Module):
 ...     def __init__(self):
 ...         super().__init__()

@@ -13,7 +13,7 @@ Per-sample numbers: totals divided by the example's batch size.
 A task's FLOPs are those of the nodes its output depends on.
 
 >>> import torch, torch.nn as nn
->>> from passes.trace import trace_model
+>>> from disparse_fx.passes.trace import trace_model
 >>> class Net(nn.Module):
 ...     def __init__(self):
 ...         super().__init__()

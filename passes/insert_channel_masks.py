@@ -23,7 +23,7 @@ dim (``channel_masks.relu_dim1``), so the model deep-copies, saves and trains li
 module. A mask is inserted only where some channel is removed.
 
 >>> import torch, torch.nn as nn
->>> from passes.channel_groups import find_channel_groups
+>>> from disparse_fx.passes.channel_groups import find_channel_groups
 >>> class Net(nn.Module):
 ...     def __init__(self):
 ...         super().__init__()

@@ -15,7 +15,7 @@ like any module: the effective weight of a pruned element is exactly zero and ge
 zero gradient. Pruned elements of the stored weights are zeroed too.
 
 >>> import torch, torch.nn as nn
->>> from passes.trace import trace_model
+>>> from disparse_fx.passes.trace import trace_model
 >>> class Net(nn.Module):
 ...     def __init__(self):
 ...         super().__init__()
@@ -184,7 +184,7 @@ def fold_masks(gm: fx.GraphModule) -> fx.GraphModule:
     computes exactly what ``gm`` computes (pruned weights are stored as zeros).
 
     >>> import torch, torch.nn as nn
-    >>> from passes.trace import trace_model
+    >>> from disparse_fx.passes.trace import trace_model
     >>> class Net(nn.Module):
     ...     def __init__(self):
     ...         super().__init__()

@@ -10,7 +10,7 @@ one name (the first under which ``named_parameters()`` lists it).
 - shared: ``len(owners[p]) > 1``      - task-specific: ``== 1``      - unused: ``== 0``
 
 >>> import torch.nn as nn
->>> from passes.trace import trace_model
+>>> from disparse_fx.passes.trace import trace_model
 >>> class Net(nn.Module):
 ...     def __init__(self):
 ...         super().__init__()

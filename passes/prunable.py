@@ -13,7 +13,7 @@ parameters never are), a parameter is prunable by default when it is
   takes two: ``qkv_weight`` and ``proj_weight``).
 
 >>> import torch, torch.nn as nn, torch.nn.functional as F
->>> from passes.trace import trace_model
+>>> from disparse_fx.passes.trace import trace_model
 >>> class Net(nn.Module):
 ...     def __init__(self):
 ...         super().__init__()

@@ -13,7 +13,7 @@ float64 copies for bfloat16 / float16 weights: :func:`check_parity`), so it meas
 the rewrite and not the kernels' precision. Parameters keep their device and dtype.
 
 >>> import torch, torch.nn as nn
->>> from passes.channel_groups import find_channel_groups
+>>> from disparse_fx.passes.channel_groups import find_channel_groups
 >>> class Net(nn.Module):
 ...     def __init__(self):
 ...         super().__init__()

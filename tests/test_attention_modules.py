@@ -20,8 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torchvision.models import swin_transformer as tv_swin
 
-import passes.attention as attention
-from passes.attention import MultiheadAttention, shifted_window_attention
+import disparse_fx.passes.attention as attention
+from disparse_fx.passes.attention import MultiheadAttention, shifted_window_attention
 
 
 def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5, msg: str = "") -> None:

@@ -16,15 +16,15 @@ from hypothesis import strategies as st
 
 import disparse_fx as dfx
 from disparse_fx.serialize import load, save
-from passes.attention import MultiheadAttention as SlimMHA
-from passes.attention import shifted_window_attention as slim_swa
-from passes.channel_groups import find_channel_groups
-from passes.errors import DisparseValueError, UnsupportedOpError
-from passes.insert_channel_masks import (fold_channel_masks, insert_channel_masks, is_masked_norm,
+from disparse_fx.passes.attention import MultiheadAttention as SlimMHA
+from disparse_fx.passes.attention import shifted_window_attention as slim_swa
+from disparse_fx.passes.channel_groups import find_channel_groups
+from disparse_fx.passes.errors import DisparseValueError, UnsupportedOpError
+from disparse_fx.passes.insert_channel_masks import (fold_channel_masks, insert_channel_masks, is_masked_norm,
                                          masked_layer_norm, masked_rms_norm)
-from passes.rules.attention import find_head_splits
-from passes.slim import channels_emptied_by, slim_channels
-from passes.trace import trace_model
+from disparse_fx.passes.rules.attention import find_head_splits
+from disparse_fx.passes.slim import channels_emptied_by, slim_channels
+from disparse_fx.passes.trace import trace_model
 
 from .test_slim import random_keep
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import disparse_fx as dfx
 from disparse_fx.data import default_task_losses
 from disparse_fx.zoo import DEFAULT_TASKS, deeplab_resnet, multitask_from_torchvision
-from passes.flops import count_flops
+from disparse_fx.passes.flops import count_flops
 
 from .zoo import ZOO, outputs_by_task
 

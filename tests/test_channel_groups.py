@@ -5,12 +5,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-import passes.rules as rules
-from passes.channel_groups import find_channel_groups
-from passes.errors import UnsupportedOpError
-from passes.insert_masks import insert_masks
-from passes.slim import slim_channels
-from passes.trace import trace_model
+import disparse_fx.passes.rules as rules
+from disparse_fx.passes.channel_groups import find_channel_groups
+from disparse_fx.passes.errors import UnsupportedOpError
+from disparse_fx.passes.insert_masks import insert_masks
+from disparse_fx.passes.slim import slim_channels
+from disparse_fx.passes.trace import trace_model
 
 from .cnn_zoo import CNN_ZOO, build
 from .test_slim import random_keep

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from passes.channel_groups import find_channel_groups
-from passes.slim import slim_channels
-from passes.trace import trace_model
+from disparse_fx.passes.channel_groups import find_channel_groups
+from disparse_fx.passes.slim import slim_channels
+from disparse_fx.passes.trace import trace_model
 
 from .cnn_zoo import SqueezeExcite, channel_shuffle
 from .test_slim import random_keep

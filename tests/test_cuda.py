@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import disparse_fx as dfx
-from passes.errors import PostconditionError
-from passes.slim import check_parity
+from disparse_fx.passes.errors import PostconditionError
+from disparse_fx.passes.slim import check_parity
 
 from .test_precision import cast
 from .transformer_zoo import IMAGE, ViTNet

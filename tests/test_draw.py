@@ -4,7 +4,7 @@ import torch.fx as fx
 
 import disparse_fx as dfx
 from disparse_fx.draw import Drawing, draw
-from passes.trace import task_output_nodes, trace_model
+from disparse_fx.passes.trace import task_output_nodes, trace_model
 
 from .zoo import ZOO, ZOO_BY_NAME
 

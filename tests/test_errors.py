@@ -248,8 +248,8 @@ def test_all_errors_share_one_base():
 
 
 def test_node_descriptions_name_the_users_line_not_torchs():
-    from passes.errors import describe_node
-    from passes.trace import trace_model
+    from disparse_fx.passes.errors import describe_node
+    from disparse_fx.passes.trace import trace_model
 
     gm = trace_model(ENTRY.build())
     stem = next(n for n in gm.graph.nodes if n.name == "stem")

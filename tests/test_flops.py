@@ -3,8 +3,8 @@ import torch
 import torch.nn as nn
 
 import disparse_fx as dfx
-from passes.flops import count_flops
-from passes.trace import trace_model
+from disparse_fx.passes.flops import count_flops
+from disparse_fx.passes.trace import trace_model
 
 from .zoo import ZOO_BY_NAME, example_input
 

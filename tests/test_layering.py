@@ -84,3 +84,16 @@ def test_passes_has_no_import_cycle():
 def test_passes_never_imports_disparse_fx():
     _, upward = import_graph()
     assert not upward, "passes/ is the lower layer:\n" + "\n".join(upward)
+
+
+def test_passes_imports_itself_relatively():
+    """The folder installs as ``disparse_fx.passes`` (pyproject's package-dir): an absolute
+    ``import passes...`` inside it would load a second copy, or nothing once installed."""
+    absolute = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            absolute += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names
+                         if n == PACKAGE or n.startswith(PACKAGE + ".")]
+    assert not absolute, "import passes/ modules relatively:\n" + "\n".join(absolute)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import disparse_fx as dfx
-from passes.insert_masks import insert_masks, masked_params
-from passes.trace import trace_model
+from disparse_fx.passes.insert_masks import insert_masks, masked_params
+from disparse_fx.passes.trace import trace_model
 
 from .zoo import ZOO, ZOO_BY_NAME, example_input, outputs_by_task
 

@@ -2,8 +2,8 @@
 import pytest
 import torch.nn as nn
 
-from passes.ownership import analyze_ownership, graph_to_networkx
-from passes.trace import trace_model
+from disparse_fx.passes.ownership import analyze_ownership, graph_to_networkx
+from disparse_fx.passes.trace import trace_model
 
 from .zoo import ZOO
 
@@ -67,7 +67,7 @@ class ModeDependent(nn.Module):
 @pytest.mark.parametrize("train", [True, False])
 def test_tracing_warns_when_the_graph_depends_on_the_mode(train, caplog):
     model = ModeDependent().train(train)
-    with caplog.at_level("WARNING", logger="passes.trace"):
+    with caplog.at_level("WARNING", logger="disparse_fx.passes.trace"):
         trace_model(model)
     msg = " ".join(r.getMessage() for r in caplog.records)
     assert "ModeDependent computes differently in train and eval mode" in msg
@@ -76,6 +76,6 @@ def test_tracing_warns_when_the_graph_depends_on_the_mode(train, caplog):
 
 
 def test_tracing_a_mode_independent_model_does_not_warn(caplog):
-    with caplog.at_level("WARNING", logger="passes.trace"):
+    with caplog.at_level("WARNING", logger="disparse_fx.passes.trace"):
         trace_model(ZOO[0].build().train())  # nn.Dropout / BatchNorm modules follow .train() / .eval()
     assert not [r for r in caplog.records if "train and eval mode" in r.getMessage()]

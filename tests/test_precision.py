@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 import disparse_fx as dfx
-from passes.channel_groups import find_channel_groups
-from passes.errors import DisparseValueError, PostconditionError
-from passes.insert_channel_masks import insert_channel_masks
-from passes.slim import check_parity, full_precision, parity_dtype, slim_channels
-from passes.trace import trace_model
+from disparse_fx.passes.channel_groups import find_channel_groups
+from disparse_fx.passes.errors import DisparseValueError, PostconditionError
+from disparse_fx.passes.insert_channel_masks import insert_channel_masks
+from disparse_fx.passes.slim import check_parity, full_precision, parity_dtype, slim_channels
+from disparse_fx.passes.trace import trace_model
 
 from . import transformer_zoo
 from .cnn_zoo import build
@@ -260,7 +260,7 @@ def test_export_onnx_of_a_reduced_precision_slim_model(dtype, tmp_path):
 def test_masked_layer_norm_counts_kept_channels_exactly_in_reduced_precision(dtype):
     """601 kept channels of 768: a bfloat16 sum of the keep mask says 600; the masked
     LayerNorm takes its statistics in float32, as layer_norm does, and matches it."""
-    from passes.insert_channel_masks import masked_layer_norm, masked_rms_norm
+    from disparse_fx.passes.insert_channel_masks import masked_layer_norm, masked_rms_norm
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 768, generator=gen).to(dtype)

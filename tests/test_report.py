@@ -5,7 +5,7 @@ import torch
 
 import disparse_fx as dfx
 from disparse_fx.report import report, summary_table, write_report
-from passes.flops import count_flops
+from disparse_fx.passes.flops import count_flops
 
 from .zoo import ZOO_BY_NAME, example_input
 

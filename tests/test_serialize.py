@@ -12,7 +12,7 @@ import torch.nn as nn
 import disparse_fx as dfx
 from disparse_fx.serialize import (CorruptFileError, DisallowedCallableError, ForeignFileError, SerializationError,
                                    UnserializableError, UnsupportedVersionError, load, register_callable, save)
-from passes.trace import trace_model
+from disparse_fx.passes.trace import trace_model
 
 from .zoo import ZOO, ZOO_BY_NAME, example_input, outputs_by_task
 
@@ -308,7 +308,7 @@ def test_saved_file_names_no_absolute_path_of_this_machine(tmp_path):
     import os
     import sys
 
-    from passes.errors import describe_node
+    from disparse_fx.passes.errors import describe_node
 
     result = _compress(ZOO[0], "channel")
     reasons = [g.reason for g in result.plan.channels.groups.groups if not g.removable]

@@ -8,11 +8,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import disparse_fx as dfx
-from passes.channel_groups import find_channel_groups
-from passes.errors import DisparseValueError, PostconditionError
-from passes.insert_channel_masks import insert_channel_masks, is_channel_mask
-from passes.slim import channels_emptied_by, check_parity, slim_channels
-from passes.trace import trace_model
+from disparse_fx.passes.channel_groups import find_channel_groups
+from disparse_fx.passes.errors import DisparseValueError, PostconditionError
+from disparse_fx.passes.insert_channel_masks import insert_channel_masks, is_channel_mask
+from disparse_fx.passes.slim import channels_emptied_by, check_parity, slim_channels
+from disparse_fx.passes.trace import trace_model
 
 from .cnn_zoo import CNN_ZOO, build
 

@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import disparse_fx as dfx
-from passes.attention import MultiheadAttention as Slimmable
-from passes.trace import trace_model
+from disparse_fx.passes.attention import MultiheadAttention as Slimmable
+from disparse_fx.passes.trace import trace_model
 
 
 class EncoderTasks(nn.Module):

@@ -24,9 +24,9 @@ import torch.nn as nn
 import torchvision
 from torchvision.models import list_models
 
-from passes.channel_groups import find_channel_groups
-from passes.slim import slim_channels
-from passes.trace import trace_model
+from disparse_fx.passes.channel_groups import find_channel_groups
+from disparse_fx.passes.slim import slim_channels
+from disparse_fx.passes.trace import trace_model
 
 from .test_slim import random_keep
 

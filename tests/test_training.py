@@ -15,8 +15,8 @@ import disparse_fx as dfx
 from disparse_fx.importance import default_inputs
 from disparse_fx.channel_decision import prunable_sparsity
 from disparse_fx.training import DynamicSparsity, erk_densities, finetune
-from passes.insert_channel_masks import MASK_MODULE, mask_plan
-from passes.insert_masks import masked_params
+from disparse_fx.passes.insert_channel_masks import MASK_MODULE, mask_plan
+from disparse_fx.passes.insert_masks import masked_params
 
 from .zoo import ZOO, ZOO_BY_NAME, outputs_by_task
 
@@ -624,7 +624,7 @@ def test_channel_dynamic_sparsity_moves_attention_heads_and_layernorm_channels()
     from torchvision.models.vision_transformer import VisionTransformer
 
     from disparse_fx.zoo import multitask_from_torchvision
-    from passes.attention import MultiheadAttention as Slimmable
+    from disparse_fx.passes.attention import MultiheadAttention as Slimmable
 
     torch.manual_seed(0)
     vit = VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=4, hidden_dim=16, mlp_dim=32)

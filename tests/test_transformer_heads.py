@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import disparse_fx as dfx
-from passes.attention import MultiheadAttention as SlimmableMHA
-from passes.channel_groups import ChannelGroups, find_channel_groups
-from passes.trace import trace_model
+from disparse_fx.passes.attention import MultiheadAttention as SlimmableMHA
+from disparse_fx.passes.channel_groups import ChannelGroups, find_channel_groups
+from disparse_fx.passes.trace import trace_model
 
 from .transformer_zoo import EMBED, HEADS, TRANSFORMER_ZOO, AttentionLayer, HeadRoutedNet, HeadSplitNet, build
 

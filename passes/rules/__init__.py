@@ -23,7 +23,7 @@ elementwise.
 Registering your own rule (a leaf module that scales each channel)::
 
     import torch, torch.nn as nn
-    from passes.rules import register_channel_rule
+    from disparse_fx.passes.rules import register_channel_rule
 
     class ChannelScale(nn.Module):          # traced as a leaf module
         def __init__(self, c):

@@ -129,7 +129,7 @@ def lookup_channel_rule(node: fx.Node, gm: fx.GraphModule) -> ChannelRule:
             f"no channel rule for {describe(node, gm)}.\n"
             f"  The channel-group analysis never guesses how an unknown op treats channels.\n"
             f"  Register a rule for it:\n"
-            f"      from passes.rules import register_channel_rule\n"
+            f"      from disparse_fx.passes.rules import register_channel_rule\n"
             f"      @register_channel_rule({_target_repr(node, gm)})\n"
             f"      def my_rule(ctx):\n"
             f"          x = ctx.arg(0)\n"
