@@ -627,6 +627,9 @@ class _Analysis(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=True)
         self.unknown_ops = unknown_ops
         self.unknown: List[Tuple[str, str]] = []  # (node name, description) kept whole for lack of a rule
+        # errors of the analysis name the node and its source line themselves; the
+        # Interpreter's "While executing ... Original traceback" would repeat it in torch's terms
+        self.extra_traceback = False
         from .rules.attention import find_head_splits
 
         self.attention = attention
@@ -767,6 +770,10 @@ class _Analysis(fx.Interpreter):
         if n.op == "output":
             self._pin_outputs(n, args[0] if args else None)
             return None
+        if not self._reads_channels(n, args, kwargs):
+            # dtype info, masks built from shapes, arange, constant tensors: nothing the op
+            # reads carries a channel, so nothing it computes does, whatever the op is
+            return self._wrap(n, result, None)
         try:
             rule = lookup_channel_rule(n, self.module)
         except UnsupportedOpError:
@@ -780,6 +787,26 @@ class _Analysis(fx.Interpreter):
         if not rule.handles_sizes:
             self._pin_size_args(ctx, args, kwargs)
         return self._wrap(n, result, out)
+
+    def _reads_channels(self, n: fx.Node, args, kwargs) -> bool:
+        """Whether ``n`` reads a channel: an argument with channel (or lazily labelled) dims,
+        a count that depends on channels, or a called module's own tensors."""
+        if n.op == "call_module":
+            mod = self.module.get_submodule(n.target)
+            if next(mod.parameters(), None) is not None or next(mod.buffers(), None) is not None:
+                return True
+        found = False
+
+        def visit(a):
+            nonlocal found
+            if isinstance(a, TensorInfo) and (a.labels or a.lazy):
+                found = True
+            elif isinstance(a, Const) and (a.deps is not None or any(i is not None for i in a.items or ())):
+                found = True
+            return a
+
+        fx.node.map_aggregate((args, kwargs), visit)
+        return found
 
     def _pin_size_args(self, ctx: RuleContext, args, kwargs) -> None:
         def visit(a):

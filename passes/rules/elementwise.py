@@ -109,7 +109,7 @@ _UNARY_FUNCTIONS = [
     torch.reciprocal, torch.log1p, torch.expm1, torch.floor, torch.ceil, torch.round, torch.trunc,
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
     torch.dropout, torch.clone, torch.detach, operator.neg, operator.pos, operator.abs,
-    torch.nan_to_num, torch.logit,
+    torch.nan_to_num, torch.logit, operator.invert, operator.not_, torch.logical_not, torch.bitwise_not,
 ]
 register_channel_rule(*_UNARY_FUNCTIONS)(first_operand)
 
@@ -119,6 +119,7 @@ _UNARY_METHODS = [
     "contiguous", "clone", "detach", "detach_", "float", "half", "double", "bfloat16", "to", "type",
     "type_as", "cpu", "cuda", "requires_grad_", "nan_to_num", "log1p", "expm1",
     "hardswish", "hardsigmoid", "silu", "gelu", "softplus", "mish", "elu", "leaky_relu", "relu6",
+    "logical_not", "bitwise_not", "__invert__",
 ]
 register_channel_rule(*_UNARY_METHODS)(first_operand)
 

@@ -9,13 +9,13 @@
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import Labels, register_channel_rule, torch_attr
+from .registry import Labels, _first, register_channel_rule, torch_attr
 from ._types import TensorInfo
 
 
@@ -119,19 +119,24 @@ def _pad_function(ctx):
 _SUMS = {"sum", "nansum"}
 
 
-def _reduce(ctx, op_name: str):
+def _reduce(ctx, op_name: str, dim_pos: int = 1, sums: Optional[bool] = None):
+    """A reduction over ``dim`` (argument ``dim_pos``, keepdim after it). A reduced dim that
+    carries channels is *contracted* when a removed (all-zero) channel adds nothing to the
+    result (``sums``; default: sum and nansum), else *mixed* (pinned: mean's denominator,
+    max, std... change when a channel goes)."""
     x = ctx.arg(0, "input")
     if not isinstance(x, TensorInfo):
         return None
-    dims = ctx.value(1, "dim", None)
-    keepdim = bool(ctx.value(2, "keepdim", False))
+    dims = ctx.value(dim_pos, "dim", None)
+    keepdim = bool(ctx.value(dim_pos + 1, "keepdim", False))
     if isinstance(dims, int):
         dims = (dims,)
     if dims is None or (isinstance(dims, (tuple, list)) and len(dims) == 0 and op_name != "sum"):
         dims = tuple(range(x.ndim))
     reduced = {x.dim(d) for d in dims}
+    sums = op_name in _SUMS if sums is None else sums
     for d in sorted(reduced):
-        if op_name in _SUMS:
+        if sums:
             ctx.contract(x, d)
         else:
             ctx.mix(x, d, f"reduced ({op_name})")
@@ -163,6 +168,26 @@ for _name in ("mean", "sum", "nansum", "amax", "amin", "std", "var", "prod", "lo
               "argmin", "all", "any", "nanmean", "median", "count_nonzero"):
     targets = [_name] + [f for f in (getattr(torch, _name, None),) if f is not None]
     register_channel_rule(*targets)(_make_reduce(_name))
+
+
+def _norm_sums(order: Any) -> bool:
+    """Whether a p-norm ignores all-zero channels: |0|^p adds nothing for p > 0 (and the
+    count of p = 0 or the max of p = inf too); p < 0 and -inf (a minimum) do not."""
+    if order is None or order == "fro":
+        return True
+    return isinstance(order, (int, float)) and order >= 0
+
+
+@register_channel_rule(torch.norm, "norm")
+def _norm(ctx):
+    """``x.norm(p, dim, keepdim)`` / ``torch.norm``: a reduction (ConvNeXt-V2's global
+    response norm takes the 2-norm over the spatial dims)."""
+    return _reduce(ctx, "norm", dim_pos=2, sums=_norm_sums(ctx.value(1, "p", "fro")))
+
+
+@register_channel_rule(*_first(torch_attr("linalg.vector_norm")))
+def _vector_norm(ctx):
+    return _reduce(ctx, "vector_norm", dim_pos=2, sums=_norm_sums(ctx.value(1, "ord", 2)))
 
 
 @register_channel_rule(torch.max, torch.min, "max", "min")
