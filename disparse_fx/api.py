@@ -15,7 +15,7 @@ from disparse_fx.passes.insert_channel_masks import insert_channel_masks
 from disparse_fx.passes.insert_masks import fold_masks, insert_masks, masked_params
 from disparse_fx.passes.slim import channels_emptied_by, slim_channels
 from disparse_fx.passes.ownership import analyze_ownership
-from disparse_fx.passes.prunable import default_prunable_params
+from disparse_fx.passes.prunable import default_prunable_params, unpruned_weights
 from disparse_fx.passes.trace import trace_model
 
 from .budget import budget_model, budget_report
@@ -83,6 +83,7 @@ def compress(
     losses = guard_losses(_match_task_losses(task_losses, ownership.tasks))
 
     prunable = _select_prunable(gm, model, ownership.owners, config)
+    unpruned = _report_unpruned(gm, model, prunable, ownership.owners) if config.filter_fn is None else {}
     tick = _lap(timings, "ownership", tick)
     inputs = inputs or default_inputs
     first, data = _peek(data)
@@ -162,6 +163,7 @@ def compress(
         input_specs=_input_specs(example),
         budget=budget,
         timings=timings,
+        unpruned=unpruned,
     )
     log.info("compress: %d tasks, %d prunable parameters (%d elements), sparsity %.4f (target %.4f) in %.2fs (%s)%s",
              len(ownership.tasks), len(prunable), total, plan.sparsity, config.sparsity, timings["total"],
@@ -277,6 +279,27 @@ def _select_prunable(gm, model, owners, config) -> tuple:
     if not chosen:
         raise NoPrunableParametersError(f"the model has no prunable parameter: {what}")
     return chosen
+
+
+def _report_unpruned(gm, model, prunable, owners) -> Dict[str, str]:
+    """Conv / linear weights that reach a task but the default filter could not prune
+    (inside a leaf module, or also used as something other than a weight): warned about
+    here and kept in Plan.unpruned, so ``sparsity`` is never read as covering them."""
+    unpruned = {p: why for p, why in unpruned_weights(gm, prunable, reference=model).items() if owners.get(p)}
+    if unpruned:
+        params = dict(model.named_parameters())
+        left = sum(params[p].numel() for p in unpruned)
+        total = left + sum(params[p].numel() for p in prunable)
+        by_reason: Dict[str, list] = {}
+        for p, why in unpruned.items():
+            by_reason.setdefault(why, []).append(p)
+        shown = "; ".join(f"{why}: " + ", ".join(f"'{p}'" for p in names[:3]) + (
+            f" and {len(names) - 3} more" if len(names) > 3 else "") for why, names in by_reason.items())
+        log.warning("%d conv/linear weight(s) stay dense (%d elements, %.1f%% of all conv/linear weight elements; "
+                    "sparsity counts only the prunable ones): %s. To prune them, let the tracer enter the "
+                    "module (leave it out of leaf_modules) or choose parameters with CompressConfig(filter_fn=...)",
+                    len(unpruned), left, 100.0 * left / total, shown)
+    return unpruned
 
 
 def _gm_keyed(gm: fx.GraphModule, params: Mapping[str, nn.Parameter], masks: Mapping[str, torch.Tensor]):

@@ -61,6 +61,10 @@ class Plan:
     the data), "decision", "masks" (inserting the masks), "budget" (channel granularity:
     the cost model and the budget report) and "total" (the whole call, validation
     included). Diagnostic only; empty for plans built by hand.
+    unpruned: conv / linear weights that reach a task but stay dense under the default
+    parameter filter, ``{name: reason}`` (inside a leaf module the graph calls as one op, or
+    also used as something other than a weight); ``sparsity`` does not count them.
+    compress() logs a warning naming them; summary() and report() list them.
     """
 
     owners: Mapping[str, FrozenSet[Hashable]]
@@ -78,6 +82,7 @@ class Plan:
     input_specs: Optional[Tuple[Any, ...]] = None
     budget: Optional["BudgetReport"] = None
     timings: Mapping[str, float] = field(default_factory=dict)
+    unpruned: Mapping[str, str] = field(default_factory=dict)
 
     def density(self, param: str, task: Hashable = None) -> float:
         """Kept fraction of ``param`` in the final mask, or in ``task``'s own mask."""

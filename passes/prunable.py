@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .attention import MultiheadAttention, shifted_window_attention
 from .ownership import parameter_uses
 
-__all__ = ["default_prunable_params", "PRUNABLE_MODULE_TYPES", "FUNCTIONAL_WEIGHT_OPS"]
+__all__ = ["default_prunable_params", "unpruned_weights", "PRUNABLE_MODULE_TYPES", "FUNCTIONAL_WEIGHT_OPS"]
 
 PRUNABLE_MODULE_TYPES: Tuple[type, ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d,
@@ -103,3 +103,54 @@ def _is_weight_use(gm: fx.GraphModule, node: fx.Node, param_name: str) -> bool:
         if node not in weights:
             return False
     return True
+
+
+def unpruned_weights(gm: fx.GraphModule, prunable: Tuple[str, ...],
+                     reference: Optional[nn.Module] = None) -> Dict[str, str]:
+    """Conv / ConvTranspose / Linear weights the graph uses that are not in ``prunable``,
+    each with the reason read off the graph: ``{name: reason}``.
+
+    The default filter only accepts weights it can see used as weights; a leaf module
+    (``leaf_modules=``, or a type the tracer does not enter) hides its layers inside one
+    ``call_module`` node, so its weights stay dense. Callers report them so a missed weight
+    is never silent.
+
+    >>> import torch.nn as nn
+    >>> from disparse_fx.passes.trace import trace_model
+    >>> class Block(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = nn.Linear(4, 4)
+    ...     def forward(self, x):
+    ...         return self.fc(x)
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.block, self.head = Block(), nn.Linear(4, 2)
+    ...     def forward(self, x):
+    ...         return {"y": self.head(self.block(x))}
+    >>> gm = trace_model(Net(), leaf_modules=(Block,))
+    >>> unpruned_weights(gm, default_prunable_params(gm))
+    {'block.fc.weight': "inside leaf module 'block' (Block), which the graph calls as one op"}
+    """
+    root = reference if reference is not None else gm
+    modules = dict(root.named_modules())
+    nodes = {n.name: n for n in gm.graph.nodes}
+    chosen = set(prunable)
+    out: Dict[str, str] = {}
+    for name, users in parameter_uses(gm, reference).items():
+        owner, _, leaf = name.rpartition(".")
+        if not users or name in chosen or leaf != "weight" or not isinstance(modules.get(owner),
+                                                                             PRUNABLE_MODULE_TYPES):
+            continue
+        reasons = []
+        for u in users:
+            node = nodes[u]
+            if node.op == "call_module" and not isinstance(gm.get_submodule(node.target), PRUNABLE_MODULE_TYPES):
+                reasons.append(f"inside leaf module '{node.target}' ({type(gm.get_submodule(node.target)).__name__}), "
+                               f"which the graph calls as one op")
+            elif not _is_weight_use(gm, node, name):
+                reasons.append(f"also used by node '{node.name}' ({node.op} {getattr(node.target, '__name__', node.target)}), "
+                               f"not as a conv / linear weight")
+        out[name] = "; ".join(dict.fromkeys(reasons)) or "not accepted as a weight by every use"
+    return out

@@ -125,8 +125,13 @@ def lookup_channel_rule(node: fx.Node, gm: fx.GraphModule) -> ChannelRule:
     else:
         rule = _RULES.get(key) if _hashable(key) else None
     if rule is None:
+        leaf = ""
+        if node.op == "call_module" and next(gm.get_submodule(node.target).children(), None) is not None:
+            leaf = (f"  '{node.target}' is a leaf module: the tracer did not enter it, so its layers are one op "
+                    f"here. Leave its type out of leaf_modules (if you put it there) so its layers are traced, "
+                    f"or register a rule for the whole module.\n")
         raise UnsupportedOpError(
-            f"no channel rule for {describe(node, gm)}.\n"
+            f"no channel rule for {describe(node, gm)}.\n" + leaf +
             f"  The channel-group analysis never guesses how an unknown op treats channels.\n"
             f"  Register a rule for it:\n"
             f"      from disparse_fx.passes.rules import register_channel_rule\n"
