@@ -32,11 +32,16 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Text
 
 from .errors import DisparseError, DisparseValueError
 
-__all__ = ["main", "build_parser", "CLIError", "ConfigOption", "CONFIG_OPTIONS", "positive_int"]
+__all__ = ["main", "build_parser", "CLIError", "CLIUsageError", "ConfigOption", "CONFIG_OPTIONS", "positive_int"]
 
 
 class CLIError(DisparseValueError):
     """A command-line argument names something that cannot be used (import, file kind)."""
+
+
+class CLIUsageError(CLIError):
+    """A command-line argument names nothing usable (a module that cannot be found, a
+    missing attribute): a usage error, so the command exits with 2 like argparse's."""
 
 
 class _DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -86,7 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         what = str(exc) if isinstance(exc, (DisparseError, NotImplementedError)) else f"{type(exc).__name__}: {exc}"
         print(f"disparse-fx: error: {what}".splitlines()[0], file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, CLIUsageError) else 1
     parser.error(f"unknown command {args.command}")
     return 2
 
@@ -286,14 +291,20 @@ def _call_factory(spec: str, what: str) -> Any:
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise CLIError(f"cannot import {module_name!r} for {what} {spec!r}: {exc}") from exc
+        raise CLIUsageError(f"cannot import {module_name!r} for {what} {spec!r} (looked in the current folder "
+                            f"and sys.path): {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
+        raise CLIError(f"importing {module_name!r} for {what} {spec!r} raised {type(exc).__name__}: {exc}") from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise CLIError(f"{module_name!r} has no attribute {attr!r} ({what} {spec!r})")
+            raise CLIUsageError(f"{module_name!r} has no attribute {attr!r} ({what} {spec!r})")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise CLIError(f"{what} {spec!r} is not callable")
-    return obj()
+        raise CLIUsageError(f"{what} {spec!r} is not callable")
+    try:
+        return obj()
+    except Exception as exc:  # noqa: BLE001 - the user's factory failed
+        raise CLIError(f"{what} factory {spec!r} raised {type(exc).__name__}: {exc}") from exc
 
 
 def _model(spec: str):

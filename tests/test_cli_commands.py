@@ -95,8 +95,10 @@ def test_in_process_failures_and_debug(tmp_path, capsys):
     assert main(["inspect", "tests.cli_models:not_a_model"]) == 1
     assert capsys.readouterr().err.strip() == ("disparse-fx: error: MODEL 'tests.cli_models:not_a_model' returned "
                                                "int, expected an nn.Module")
-    assert main(["inspect", "tests.no_such_module:f"]) == 1
+    assert main(["inspect", "tests.no_such_module:f"]) == 2  # names nothing usable: a usage error
     assert "cannot import 'tests.no_such_module'" in capsys.readouterr().err
+    assert main(["inspect", "tests.cli_models:no_such_factory"]) == 2
+    assert "'tests.cli_models' has no attribute 'no_such_factory'" in capsys.readouterr().err
     (tmp_path / "junk.dfx").write_bytes(b"junk")
     assert main(["report", str(tmp_path / "junk.dfx"), "--out", str(tmp_path / "f")]) == 1
     assert "not a readable disparse_fx file" in capsys.readouterr().err
@@ -163,3 +165,15 @@ def test_values_the_library_rejects_are_usage_errors_exit_2(argv, message, capsy
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_failures_inside_the_users_module_name_it(tmp_path, monkeypatch, capsys):
+    """An import that raises and a factory that raises: exit 1, the module or factory named."""
+    (tmp_path / "raises_on_import.py").write_text("raise RuntimeError('boom at import')\n")
+    (tmp_path / "factories.py").write_text("def broken():\n    raise ValueError('boom in factory')\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "raises_on_import:f"]) == 1
+    assert ("importing 'raises_on_import' for MODEL 'raises_on_import:f' raised RuntimeError: boom at import"
+            in capsys.readouterr().err)
+    assert main(["inspect", "factories:broken"]) == 1
+    assert "MODEL factory 'factories:broken' raised ValueError: boom in factory" in capsys.readouterr().err
