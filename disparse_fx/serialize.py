@@ -19,9 +19,12 @@ its callable factories), ``math``, a few builtins, ``torch.func.functional_call`
 library's graph functions (``channel_mask``, the masked LayerNorms, Swin's window
 attention; torchvision's fx-wrapped Swin functions) and whatever
 :func:`register_callable` added. Modules come back only as ``torch.nn`` built-in types,
-:class:`passes.attention.MultiheadAttention` (or types given to :func:`register_module_type`); a module the graph never calls (a
-container such as a user's ``Bottleneck``) comes back as a plain ``nn.Module`` holding
-the same children, parameters and buffers. ``call_method`` names must be public
+:class:`passes.attention.MultiheadAttention`, the masked RNNs of a channel-masked model
+(:class:`passes.rules.rnn.MaskedLSTM`, ``MaskedGRU``, ``MaskedRNN``), or types given to
+:func:`register_module_type`; a module the graph never calls (a container such as a
+user's ``Bottleneck``) comes back as a plain ``nn.Module`` holding the same children,
+parameters and buffers. An RNN's flat weight list (its parameters again, and weakrefs to
+them) is not written: load() rebuilds it from the parameters its saved names must name. ``call_method`` names must be public
 ``torch.Tensor`` methods (minus those taking a callable), ``getattr`` nodes must read a
 public attribute, ``get_attr`` / ``call_module`` targets must walk the module tree
 (submodules, parameters, buffers, tensor constants) and ``functional_call`` must call a
@@ -271,10 +274,9 @@ def _module_class(name: str) -> Optional[type]:
     if name in _EXTRA_MODULE_TYPES:
         return _EXTRA_MODULE_TYPES[name]
     name = _current_name(name)
-    if name == "disparse_fx.passes.attention.MultiheadAttention":  # the slimmable attention of this library
-        from disparse_fx.passes.attention import MultiheadAttention
-
-        return MultiheadAttention
+    library = _library_module_types()
+    if name in library:
+        return library[name]
     mod_name, _, cls_name = name.rpartition(".")
     if not (mod_name == "torch.nn.modules" or mod_name.startswith("torch.nn.modules.")) or not cls_name.isidentifier():
         return None
@@ -283,6 +285,36 @@ def _module_class(name: str) -> Optional[type]:
     except ImportError:
         return None
     return cls if isinstance(cls, type) and issubclass(cls, nn.Module) else None
+
+
+def _library_module_types() -> Dict[str, type]:
+    """The module types of this library that graphs call: the slimmable attention and the
+    masked RNNs of a channel-masked model."""
+    from disparse_fx.passes.attention import MultiheadAttention
+    from disparse_fx.passes.rules.rnn import MaskedGRU, MaskedLSTM, MaskedRNN
+
+    return {_qualname(c): c for c in (MultiheadAttention, MaskedRNN, MaskedLSTM, MaskedGRU)}
+
+
+# An RNN's flat weight list (its parameters, again) and weakrefs to them: state derived
+# from the parameters, which save() leaves out and load() rebuilds (as torch's pickling does).
+_RNN_DERIVED_ATTRS = ("_flat_weights", "_flat_weight_refs")
+
+
+def _derived_attrs(mod: nn.Module) -> Tuple[str, ...]:
+    return _RNN_DERIVED_ATTRS if isinstance(mod, nn.RNNBase) else ()
+
+
+def _rebuild_derived(mod: nn.Module, path: str) -> None:
+    """Rebuild the state :func:`_derived_attrs` left out of the file, once ``mod``'s
+    parameters are registered: an RNN's flat weights, which must name its parameters."""
+    if not _derived_attrs(mod):
+        return
+    names = mod.__dict__.get("_flat_weights_names")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) and n in mod._parameters for n in names)):
+        raise CorruptFileError(f"module '{path}' ({type(mod).__name__}): its _flat_weights_names {names!r:.120} "
+                               f"do not name its parameters")
+    mod._init_flat_weights()
 
 
 def _allowed_method(name: Any) -> bool:
@@ -633,8 +665,9 @@ def _encode_module(path: str, mod: nn.Module, enc: _Encoder, *, must_exist: bool
         cls_name = "torch.nn.modules.module.Module"
     attrs = {}
     if cls_name not in (None, "torch.nn.modules.module.Module"):
+        derived = _derived_attrs(mod)
         for k, v in mod.__dict__.items():
-            if k in _BASE_MODULE_KEYS:
+            if k in _BASE_MODULE_KEYS or k in derived:
                 continue
             try:
                 attrs[k] = _Encoder()(v, f"{where}.{k}")
@@ -674,7 +707,7 @@ def _decode_graph_module(spec: Mapping[str, Any], tensors: Mapping[str, torch.Te
             mod = cls.__new__(cls)
             nn.Module.__init__(mod)
             for k, v in m["attrs"].items():
-                if k in _BASE_MODULE_KEYS:
+                if k in _BASE_MODULE_KEYS or k in _derived_attrs(mod):
                     raise CorruptFileError(f"module '{path}' sets reserved attribute {k!r}")
                 mod.__dict__[k] = plain(v)
         built[path] = mod
@@ -688,6 +721,7 @@ def _decode_graph_module(spec: Mapping[str, Any], tensors: Mapping[str, torch.Te
             mod.register_parameter(k, params[key])
         for k, key, persistent in m["buffers"]:
             mod.register_buffer(k, None if key is None else tensors[key], persistent=bool(persistent))
+        _rebuild_derived(mod, path)
         dec = _Decoder(tensors)
         for k, v in m["constants"].items():
             setattr(mod, k, dec(v))

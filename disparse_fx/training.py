@@ -459,8 +459,10 @@ class DynamicSparsity:
         return entry
 
 
-# The mask buffers an attention module gets for its internal channels (passes.attention).
-_INTERNAL_MASK_BUFFERS = {"heads": "head_keep", "qk_dims": "qk_dim_keep", "v_dims": "v_dim_keep"}
+# The mask buffers a module gets for its internal channels: attention heads and head dims
+# (passes.attention), an RNN's hidden and projected units (passes.rules.rnn's masked RNNs).
+_INTERNAL_MASK_BUFFERS = {"heads": "head_keep", "qk_dims": "qk_dim_keep", "v_dims": "v_dim_keep",
+                          "hidden": "hidden_keep", "proj": "proj_keep"}
 
 
 def _mask_buffers(model: fx.GraphModule, groups, flat: torch.Tensor, *, check: bool = True

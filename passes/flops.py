@@ -4,7 +4,8 @@ Counted: multiply-accumulates x 2 of convolutions (module and functional, transp
 too), linear layers, matmuls and einsums, and attention: ``nn.MultiheadAttention`` (and
 :class:`passes.attention.MultiheadAttention`: projections, q k^T, attention x v),
 ``scaled_dot_product_attention`` and Swin's window attention - the ops that dominate
-CNN and transformer cost.
+CNN and transformer cost - and recurrent layers (``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``:
+the gate matrices of every layer, direction and time step, and an LSTM's projections).
 Elementwise ops, norms and pooling are not counted (say so wherever FLOPs are shown).
 Per-sample numbers: totals divided by the example's batch size.
 
@@ -158,6 +159,8 @@ def _flop_terms(gm: fx.GraphModule, node: fx.Node) -> Tuple[Tuple[FlopTerm, ...]
                              (out, reads)),), None
         if isinstance(m, nn.Linear):
             return (FlopTerm(2 * _numel(node) * m.in_features, (out, reads)),), None
+        if isinstance(m, nn.RNNBase):
+            return _rnn_terms(m, node), None
         return (), None
     if node.op != "call_function":
         return (), None
@@ -242,6 +245,44 @@ def _mha_terms(m: nn.Module, node: fx.Node) -> Tuple[FlopTerm, ...]:
         FlopTerm(2 * lq * per_query_keys * heads * dqk, qk),
         FlopTerm(2 * lq * per_query_keys * heads * dv, v),
     )
+
+
+def _rnn_terms(m: nn.RNNBase, node: fx.Node) -> Tuple[FlopTerm, ...]:
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``: at every time step of every sequence, each
+    layer and direction multiplies its gate rows (gates x hidden) by what they read -
+    layer 0 the input features, every layer the units it feeds back, layer k >= 1 the
+    units layer k-1 outputs (both directions) - and an LSTM with ``proj_size`` projects
+    its hidden units. The hidden (and projected) units are the module's internal channels
+    (:mod:`passes.rules.rnn`), layer 0's input features the channels the node reads.
+    Gate nonlinearities and the elementwise cell updates are not counted.
+
+    >>> import torch, torch.nn as nn
+    >>> from disparse_fx.passes.trace import trace_model
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.rnn = nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+    ...     def forward(self, x):
+    ...         return {"y": self.rnn(x)[0]}
+    >>> x = torch.randn(2, 5, 3)  # batch 2, 5 steps; per sample: 2 x 5 steps x 2 directions
+    >>> count_flops(trace_model(Net()), (x,)).total  # x 16 gate rows x (3 + 4 | 8 + 4) per layer
+    6080
+    """
+    x = _shape(node.args[0] if node.args else node.kwargs.get("input"))
+    if not x:  # a PackedSequence (no shape; its channels are pinned anyway)
+        return ()
+    steps = math.prod(x[:-1])  # sequence x batch (or sequence alone, unbatched)
+    dirs = 2 if m.bidirectional else 1
+    units = m.proj_size or m.hidden_size  # what each layer outputs and feeds back
+    rows = 2 * steps * dirs * m.weight_ih_l0.shape[0]  # x 2: multiply-adds; gate rows of one direction
+    hidden = ("internal", node.name, "hidden")
+    fed = ("internal", node.name, "proj") if m.proj_size else hidden
+    terms = [FlopTerm(rows * x[-1], (hidden, ("reads", node.name))),  # layer 0 reads the input
+             # every layer reads the units it feeds back; layer k >= 1 those of layer k-1
+             FlopTerm(rows * units * (m.num_layers + dirs * (m.num_layers - 1)), (hidden, fed))]
+    if m.proj_size:
+        terms.append(FlopTerm(2 * steps * dirs * m.num_layers * m.hidden_size * units, (fed, hidden)))
+    return tuple(terms)
 
 
 def _window_attention_flops(node: fx.Node) -> int:

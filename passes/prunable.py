@@ -26,6 +26,7 @@ parameters never are), a parameter is prunable by default when it is
 """
 from __future__ import annotations
 
+import re
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 
 from .attention import MultiheadAttention, shifted_window_attention
 from .ownership import parameter_uses
+from .rules.rnn import plain_rnn_type
 
 __all__ = ["default_prunable_params", "unpruned_weights", "PRUNABLE_MODULE_TYPES", "FUNCTIONAL_WEIGHT_OPS"]
 
@@ -107,13 +109,15 @@ def _is_weight_use(gm: fx.GraphModule, node: fx.Node, param_name: str) -> bool:
 
 def unpruned_weights(gm: fx.GraphModule, prunable: Tuple[str, ...],
                      reference: Optional[nn.Module] = None) -> Dict[str, str]:
-    """Conv / ConvTranspose / Linear weights the graph uses that are not in ``prunable``,
-    each with the reason read off the graph: ``{name: reason}``.
+    """Conv / ConvTranspose / Linear weights and RNN weight matrices the graph uses that
+    are not in ``prunable``, each with the reason read off the graph: ``{name: reason}``.
 
     The default filter only accepts weights it can see used as weights; a leaf module
     (``leaf_modules=``, or a type the tracer does not enter) hides its layers inside one
-    ``call_module`` node, so its weights stay dense. Callers report them so a missed weight
-    is never silent.
+    ``call_module`` node, so its weights stay dense. An ``nn.LSTM`` / ``nn.GRU`` /
+    ``nn.RNN`` is such a node too: its ``weight_ih_l*`` / ``weight_hh_l*`` / ``weight_hr_l*``
+    are never element-pruned by default (channel granularity removes its hidden units).
+    Callers report them so a missed weight is never silent.
 
     >>> import torch.nn as nn
     >>> from disparse_fx.passes.trace import trace_model
@@ -126,12 +130,15 @@ def unpruned_weights(gm: fx.GraphModule, prunable: Tuple[str, ...],
     >>> class Net(nn.Module):
     ...     def __init__(self):
     ...         super().__init__()
-    ...         self.block, self.head = Block(), nn.Linear(4, 2)
+    ...         self.block, self.gru, self.head = Block(), nn.GRU(4, 4), nn.Linear(4, 2)
     ...     def forward(self, x):
-    ...         return {"y": self.head(self.block(x))}
+    ...         return {"y": self.head(self.gru(self.block(x))[0])}
     >>> gm = trace_model(Net(), leaf_modules=(Block,))
-    >>> unpruned_weights(gm, default_prunable_params(gm))
-    {'block.fc.weight': "inside leaf module 'block' (Block), which the graph calls as one op"}
+    >>> for name, why in unpruned_weights(gm, default_prunable_params(gm)).items():
+    ...     print(f"{name}: {why}")
+    block.fc.weight: inside leaf module 'block' (Block), which the graph calls as one op
+    gru.weight_ih_l0: nn.GRU weights are not element-pruned (channel granularity removes hidden units)
+    gru.weight_hh_l0: nn.GRU weights are not element-pruned (channel granularity removes hidden units)
     """
     root = reference if reference is not None else gm
     modules = dict(root.named_modules())
@@ -140,17 +147,32 @@ def unpruned_weights(gm: fx.GraphModule, prunable: Tuple[str, ...],
     out: Dict[str, str] = {}
     for name, users in parameter_uses(gm, reference).items():
         owner, _, leaf = name.rpartition(".")
-        if not users or name in chosen or leaf != "weight" or not isinstance(modules.get(owner),
-                                                                             PRUNABLE_MODULE_TYPES):
+        if not users or name in chosen or not _is_layer_weight(modules.get(owner), leaf):
             continue
         reasons = []
         for u in users:
             node = nodes[u]
-            if node.op == "call_module" and not isinstance(gm.get_submodule(node.target), PRUNABLE_MODULE_TYPES):
-                reasons.append(f"inside leaf module '{node.target}' ({type(gm.get_submodule(node.target)).__name__}), "
+            called = gm.get_submodule(node.target) if node.op == "call_module" else None
+            if isinstance(called, nn.RNNBase) and owner == node.target:
+                reasons.append(f"nn.{plain_rnn_type(called).__name__} weights are not element-pruned "
+                               f"(channel granularity removes hidden units)")
+            elif called is not None and not isinstance(called, PRUNABLE_MODULE_TYPES):
+                reasons.append(f"inside leaf module '{node.target}' ({type(called).__name__}), "
                                f"which the graph calls as one op")
             elif not _is_weight_use(gm, node, name):
                 reasons.append(f"also used by node '{node.name}' ({node.op} {getattr(node.target, '__name__', node.target)}), "
                                f"not as a conv / linear weight")
         out[name] = "; ".join(dict.fromkeys(reasons)) or "not accepted as a weight by every use"
     return out
+
+
+_RNN_WEIGHT = re.compile(r"weight_(ih|hh|hr)_l\d+(_reverse)?")
+
+
+def _is_layer_weight(module: Optional[nn.Module], leaf: str) -> bool:
+    """Whether ``module``'s parameter ``leaf`` is a layer's weight matrix: a conv's /
+    linear's ``weight``, an RNN's ``weight_ih_l*`` / ``weight_hh_l*`` / ``weight_hr_l*``."""
+    if isinstance(module, nn.RNNBase):
+        return _RNN_WEIGHT.fullmatch(leaf) is not None
+    return isinstance(module, PRUNABLE_MODULE_TYPES) and leaf == "weight"
+

@@ -85,6 +85,28 @@ def test_flops_budget_is_hit_on_torchvision_trunks(name):
     assert all(int(k.sum()) % 8 == 0 or int(k.sum()) == group_sizes[g] for g, k in result.plan.channels.keep.items())
 
 
+@pytest.mark.parametrize("kw", [{}, {"num_layers": 2, "bidirectional": True}], ids=["case09", "2-layer-bi"])
+def test_flops_budget_is_exact_on_an_lstm_model(kw):
+    """case09's model (conv1d -> LSTM -> linear -> two heads): the LSTM's gate matrices are
+    counted with the hidden units and input features as channel factors, so the FLOPs the
+    plan predicts are count_flops of the slim model."""
+    from .rnn_zoo import SeqNet, compress_channels, seq_data
+
+    torch.manual_seed(0)
+    data = seq_data()
+    result = compress_channels(SeqNet("LSTM", **kw), data, budget="flops", round_to=1)
+    slim = dfx.slim(result)
+    x = data[0]["input"][:1]
+    dense, after = count_flops(result.model, (x,)), count_flops(slim, (x,))
+    assert dense.per_node["rnn"] > dense.total / 2  # the LSTM is most of the compute
+    budget = result.plan.budget
+    assert budget.flops == (dense.total, after.total)
+    assert budget.achieved == pytest.approx(1 - after.total / dense.total, abs=1e-12)
+    assert abs(budget.achieved - 0.5) <= 0.05  # one hidden unit is ~4% of the FLOPs here
+    assert slim.rnn.hidden_size < 32
+    assert_union_rule(result.plan)
+
+
 def test_the_default_alignment_follows_the_budget():
     from disparse_fx.config import default_round_to
 

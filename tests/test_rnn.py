@@ -1,5 +1,6 @@
-"""Recurrent layers (nn.LSTM / nn.GRU / nn.RNN): channel rules, masked model, slim; and an
-element slim that keeps the channels around an op without a channel rule."""
+"""Recurrent layers (nn.LSTM / nn.GRU / nn.RNN): channel rules, masked model, slim, FLOPs and the
+report of their weights left dense; and an element slim that keeps the channels around an op
+without a channel rule."""
 import logging
 
 import pytest
@@ -8,48 +9,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import disparse_fx as dfx
+from disparse_fx.passes.channel_costs import flop_cost_model
 from disparse_fx.passes.channel_groups import find_channel_groups
 from disparse_fx.passes.errors import UnsupportedOpError
+from disparse_fx.passes.flops import count_flops
 from disparse_fx.passes.insert_channel_masks import fold_channel_masks, insert_channel_masks
+from disparse_fx.passes.prunable import default_prunable_params, unpruned_weights
 from disparse_fx.passes.rules.rnn import MaskedLSTM, is_masked_rnn
 from disparse_fx.passes.slim import slim_channels
 from disparse_fx.passes.trace import trace_model
 
-CELLS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}
+from .rnn_zoo import CELLS, LOSSES, SeqNet, compress_channels, seq_data
+
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
-
-
-class SeqNet(nn.Module):
-    """conv1d -> sequence -> RNN -> [0] -> linear -> a per-step head and a last-step head
-    (the shape of /work/shared/cases/case09_lstm.py)."""
-
-    def __init__(self, cell="LSTM", num_layers=1, bidirectional=False, batch_first=True, bias=True, **kw):
-        super().__init__()
-        self.batch_first = batch_first
-        self.conv = nn.Conv1d(6, 24, 3, padding=1)
-        self.rnn = CELLS[cell](24, 32, num_layers=num_layers, bidirectional=bidirectional,
-                               batch_first=batch_first, bias=bias, **kw)
-        width = (kw.get("proj_size") or 32) * (2 if bidirectional else 1)
-        self.proj = nn.Linear(width, 32)
-        self.tag, self.cls = nn.Linear(32, 5), nn.Linear(32, 3)
-
-    def forward(self, x):  # x: (B, 6, T)
-        h = F.relu(self.conv(x))
-        h = h.transpose(1, 2) if self.batch_first else h.permute(2, 0, 1)  # (B, T, 24) / (T, B, 24)
-        h = self.rnn(h)[0]
-        h = F.relu(self.proj(h))
-        if not self.batch_first:
-            h = h.transpose(0, 1)  # (B, T, 32)
-        return {"tag": self.tag(h).transpose(1, 2), "cls": self.cls(h[:, -1])}
-
-
-def _data(n=3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [{"input": torch.randn(4, 6, 12, generator=gen), "tag": torch.randint(0, 5, (4, 12), generator=gen),
-             "cls": torch.randint(0, 3, (4,), generator=gen)} for _ in range(n)]
-
-
-LOSSES = {"tag": lambda p, b: F.cross_entropy(p, b["tag"]), "cls": lambda p, b: F.cross_entropy(p, b["cls"])}
 
 
 def _assert_parity(a, b, x):
@@ -84,9 +56,8 @@ def _keep_every_other(groups, gids=None):
 def test_channel_compress_and_slim(cell, num_layers, bidirectional, batch_first):
     torch.manual_seed(0)
     model = SeqNet(cell, num_layers, bidirectional, batch_first)
-    data = _data()
-    result = dfx.compress(model, LOSSES, data, dfx.CompressConfig(
-        sparsity=0.5, granularity="channel", criterion="taylor", num_batches=3, progress=False))
+    data = seq_data()
+    result = compress_channels(model, data)
     assert abs(result.plan.sparsity - 0.5) <= 0.02
     groups = result.plan.channels.groups
     hidden = _hidden_group(groups)
@@ -125,7 +96,7 @@ def test_without_bias(cell):
 def test_element_compress_and_slim(cell, bidirectional):
     torch.manual_seed(0)
     model = SeqNet(cell, num_layers=2, bidirectional=bidirectional)
-    data = _data()
+    data = seq_data()
     result = dfx.compress(model, LOSSES, data, dfx.CompressConfig(
         sparsity=0.9, criterion="snip", num_batches=3, progress=False))
     slim = dfx.slim(result)
@@ -325,7 +296,7 @@ class OpaqueNet(SeqNet):
 def test_element_slim_keeps_the_channels_around_an_op_without_a_rule(caplog):
     torch.manual_seed(6)
     model = OpaqueNet()
-    data = _data()
+    data = seq_data()
     config = dfx.CompressConfig(sparsity=0.98, criterion="snip", num_batches=3, progress=False)
     result = dfx.compress(model, LOSSES, data, config, leaf_modules=(Opaque,))
     with caplog.at_level(logging.WARNING):
@@ -355,3 +326,92 @@ def test_unknown_ops_argument():
     assert not pre.removable and "node 'opaque'" in pre.reason and "no channel rule" in pre.reason
     (gain, _), = groups.members_of("opaque.gain")
     assert not gain.removable
+
+
+# ----------------------------------------------------------------------------- FLOPs
+RNN_SHAPES = [("LSTM", 1, False, {}), ("LSTM", 2, True, {}), ("GRU", 2, False, {}), ("RNN", 2, True, {}),
+              ("LSTM", 2, True, {"proj_size": 12})]
+RNN_IDS = ["lstm", "lstm-2-bi", "gru-2", "rnn-2-bi", "lstm-2-bi-proj"]
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+@pytest.mark.parametrize("cell, num_layers, bidirectional, kw", RNN_SHAPES, ids=RNN_IDS)
+def test_rnn_flops_by_hand(cell, num_layers, bidirectional, kw):
+    gm = trace_model(SeqNet(cell, num_layers, bidirectional, **kw))
+    x = torch.randn(2, 6, 12)  # 12 steps per sample
+    steps, d, h = 12, 2 if bidirectional else 1, 32
+    u = kw.get("proj_size") or h
+    rows = GATES[cell] * h
+    # per sample, per direction: layer 0 reads 24 features, layer k >= 1 the d * u units
+    # below; every layer reads its u units back; projections: u x h per layer
+    macs = rows * (24 + u) + (num_layers - 1) * rows * (d * u + u) + (num_layers * h * u if u != h else 0)
+    assert count_flops(gm, (x,)).per_node[_rnn_node(gm)] == 2 * steps * d * macs
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+@pytest.mark.parametrize("cell, num_layers, bidirectional, kw", RNN_SHAPES, ids=RNN_IDS)
+def test_flop_cost_model_predicts_the_slim_rnn_exactly(cell, num_layers, bidirectional, kw):
+    """The FLOP terms' channel factors (input features, hidden and projected units) give
+    the FLOPs of any slim model: what a FLOPs budget relies on."""
+    torch.manual_seed(7)
+    gm = trace_model(SeqNet(cell, num_layers, bidirectional, **kw))
+    x = torch.randn(2, 6, 12)
+    groups = find_channel_groups(gm, (x,))
+    costs = flop_cost_model(gm, groups, (x,))
+    assert costs.dense_cost() == count_flops(gm, (x,)).total
+    gen = torch.Generator().manual_seed(0)
+    for fraction in (0.5, 0.8):
+        keep = {}
+        for g in groups.removable_groups():
+            k = torch.rand(g.size, generator=gen) < fraction
+            k[0] = True
+            keep[g.id] = k
+        assert (_hidden_group(groups).id in keep) == (not kw)  # projected: the hidden units stay, proj units go
+        slim = slim_channels(insert_channel_masks(gm, groups, keep), groups, keep)
+        assert float(costs.cost(groups.keep_vector(keep))) == pytest.approx(count_flops(slim, (x,)).total, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- weights left dense
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_rnn_weights_are_reported_as_not_element_pruned(cell, caplog):
+    torch.manual_seed(0)
+    model = SeqNet(cell, num_layers=2, bidirectional=True)
+    data = seq_data()
+    with caplog.at_level(logging.WARNING, logger="disparse_fx"):
+        result = dfx.compress(model, LOSSES, data, dfx.CompressConfig(
+            sparsity=0.5, criterion="snip", num_batches=3, progress=False))
+    expected = {f"rnn.weight_{kind}_l{layer}{s}" for kind in ("ih", "hh") for layer in (0, 1)
+                for s in ("", "_reverse")}
+    assert set(result.plan.unpruned) == expected  # biases are never pruned: not reported
+    assert set(result.plan.prunable) == {"conv.weight", "proj.weight", "tag.weight", "cls.weight"}
+    for why in result.plan.unpruned.values():
+        assert why == f"nn.{cell} weights are not element-pruned (channel granularity removes hidden units)"
+    (message,) = [r.getMessage() for r in caplog.records if "stay dense" in r.getMessage()]
+    assert "'rnn.weight_ih_l0'" in message and f"nn.{cell} weights are not element-pruned" in message
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+def test_projection_weights_and_masked_rnns_are_reported():
+    gm = trace_model(StateNet("LSTM", num_layers=1, proj_size=6))
+    assert set(unpruned_weights(gm, default_prunable_params(gm))) == {
+        "rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_hr_l0"}
+    # the masked model of a channel plan: a MaskedLSTM is an nn.LSTM to the report
+    groups = find_channel_groups(gm, (torch.randn(6, 3, 5),))
+    (proj, _), = [gm_ for gm_ in groups.members_of("rnn.weight_hr_l0") if gm_[1].dim == 0]
+    masked = insert_channel_masks(gm, groups, {proj.id: torch.arange(6) < 4})
+    assert is_masked_rnn(masked.rnn)
+    reasons = unpruned_weights(masked, default_prunable_params(masked))
+    assert reasons["rnn.weight_hr_l0"].startswith("nn.LSTM weights are not element-pruned")
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
+    "element-pruning RNN weights chosen with filter_fn: compress masks them through torch.func.functional_call, "
+    "but dfx.slim's channel analysis runs that node in an fx Interpreter, which hands functional_call an "
+    "immutable_dict that torch mutates ('immutable_dict' object does not support mutation)"))
+def test_element_slim_after_pruning_rnn_weights_chosen_by_a_filter():
+    torch.manual_seed(0)
+    data = seq_data()
+    result = dfx.compress(SeqNet("LSTM"), LOSSES, data, dfx.CompressConfig(
+        sparsity=0.8, criterion="snip", num_batches=3, progress=False, filter_fn=lambda name, p: p.dim() >= 2))
+    assert "rnn.weight_hh_l0" in result.plan.prunable
+    _assert_parity(result.model, dfx.slim(result), data[0]["input"])

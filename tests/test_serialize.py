@@ -328,3 +328,95 @@ def test_saved_file_names_no_absolute_path_of_this_machine(tmp_path):
     assert any('File "tests/zoo.py", line' in g.reason for g in back.plan.channels.groups.groups if not g.removable)
     lines = [describe_node(n, back.model) for n in back.model.graph.nodes if n.op == "call_module"]
     assert lines and all('at File "tests/zoo.py", line' in line for line in lines)  # errors still quote the source
+
+
+# ----------------------------------------------------------------------------- recurrent layers
+RNN_CASES = [("LSTM", {}), ("GRU", {"num_layers": 2, "bidirectional": True}), ("RNN", {"batch_first": False}),
+             ("LSTM", {"num_layers": 2, "bidirectional": True, "proj_size": 16})]
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+@pytest.mark.parametrize("cell, kw", RNN_CASES, ids=["lstm", "gru-2-bi", "rnn-seq-first", "lstm-proj"])
+def test_rnn_channel_result_and_slim_model_round_trip(cell, kw, tmp_path):
+    """A channel result holds a masked RNN (MaskedLSTM / GRU / RNN: the same parameters, a
+    hidden_keep buffer); its slim model a plain, smaller RNN. Both come back bitwise, with
+    their flat weight lists rebuilt from the loaded parameters."""
+    from disparse_fx.passes.rules.rnn import is_masked_rnn
+
+    from .rnn_zoo import CELLS, SeqNet, compress_channels, seq_data
+
+    torch.manual_seed(0)
+    model, data = SeqNet(cell, **kw), seq_data()
+    result = compress_channels(model, data)
+    assert is_masked_rnn(result.model.rnn)
+    save(result, tmp_path / "r.dfx")
+    back = load(tmp_path / "r.dfx")
+    assert type(back.model.rnn) is type(result.model.rnn)
+    x = data[0]["input"]
+    _assert_same_module(result.model, back.model)
+    _assert_bitwise(result.model, back.model, x)
+    _assert_same_plan(result.plan, back.plan)
+    rnn = back.model.rnn
+    assert all(w is getattr(rnn, n) for w, n in zip(rnn._flat_weights, rnn._flat_weights_names, strict=True))
+    slim = dfx.slim(result).eval()
+    _assert_bitwise(slim, dfx.slim(back).eval(), x)  # the loaded result slims to the same model
+    save(slim, tmp_path / "s.dfx")
+    loaded = load(tmp_path / "s.dfx")
+    assert type(loaded.rnn) is CELLS[cell] and loaded.rnn.hidden_size == slim.rnn.hidden_size
+    assert slim.rnn.hidden_size < 32 or slim.rnn.proj_size < 16
+    _assert_same_module(slim, loaded)
+    _assert_bitwise(slim, loaded, x)
+    _assert_bitwise(slim, loaded, torch.randn(3, 6, 7))
+
+
+def test_loaded_masked_lstm_trains_through_its_masks(tmp_path):
+    from .rnn_zoo import SeqNet, compress_channels, seq_data
+
+    torch.manual_seed(0)
+    data = seq_data()
+    result = compress_channels(SeqNet(), data)
+    save(result, tmp_path / "r.dfx")
+    model = load(tmp_path / "r.dfx").model
+    removed = model.rnn.hidden_keep == 0
+    assert bool(removed.any())
+    out = model(data[0]["input"])
+    (out["tag"].sum() + out["cls"].sum()).backward()
+    grad = model.rnn.weight_hh_l0.grad  # the loaded parameter, not a stale flat-weight copy
+    assert grad is not None and bool((grad[:, removed] == 0).all()) and bool((grad[:, ~removed] != 0).any())
+
+
+@pytest.fixture(scope="module")
+def saved_lstm(tmp_path_factory):
+    from .rnn_zoo import SeqNet, compress_channels, seq_data
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("saved") / "lstm.dfx"
+    save(dfx.slim(compress_channels(SeqNet(), seq_data())), path)
+    return path
+
+
+def _edit_rnn(edit):
+    def rewrite(name, obj):
+        if name.endswith("model.json"):
+            edit(next(m for m in obj["modules"] if m["path"] == "rnn"))
+        return obj
+    return rewrite
+
+
+def test_crafted_rnn_state_is_refused(saved_lstm, tmp_path):
+    with zipfile.ZipFile(saved_lstm) as zf:
+        spec = json.loads(zf.read("disparse_fx/model.json"))
+    attrs = next(m for m in spec["modules"] if m["path"] == "rnn")["attrs"]
+    assert "_flat_weights" not in attrs and "_flat_weight_refs" not in attrs  # derived: not written
+
+    def names(m):
+        m["attrs"]["_flat_weights_names"] = ["weight_ih_l0", "forward"]
+
+    with pytest.raises(CorruptFileError, match="_flat_weights_names .* do not name its parameters"):
+        load(_rewrite(saved_lstm, tmp_path / "a.dfx", _edit_rnn(names)))
+
+    def weights(m):
+        m["attrs"]["_flat_weights"] = []
+
+    with pytest.raises(CorruptFileError, match="reserved attribute '_flat_weights'"):
+        load(_rewrite(saved_lstm, tmp_path / "b.dfx", _edit_rnn(weights)))

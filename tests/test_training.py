@@ -665,3 +665,40 @@ def test_channel_dynamic_sparsity_moves_attention_heads_and_layernorm_channels()
     assert moved > 0
     slim = dfx.slim(result)  # parity with the masked model checked inside
     assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+@pytest.mark.parametrize("kw, member, key", [
+    ({}, "rnn.weight_hh_l0", "hidden"),
+    ({"num_layers": 2, "bidirectional": True, "proj_size": 16}, "rnn.weight_hr_l0", "proj"),
+], ids=["case09", "projected"])
+def test_channel_dynamic_sparsity_moves_an_lstms_units(kw, member, key):
+    """case09's model (conv1d -> LSTM -> linear -> two heads): drop/regrow reaches the
+    LSTM's hidden units (the MaskedLSTM's hidden_keep buffer; with proj_size, its projected
+    units and proj_keep), and the masked model keeps computing what dfx.slim builds."""
+    from .rnn_zoo import LOSSES, SeqNet, compress_channels, seq_data
+
+    torch.manual_seed(0)
+    data = seq_data(6)
+    result = compress_channels(SeqNet("LSTM", **kw), data[:3])
+    groups = result.plan.channels.groups
+    (units, _), = [gm for gm in groups.members_of(member) if gm[1].dim == 0]
+    slim_params0 = sum(p.numel() for p in dfx.slim(result).parameters())
+    opt = torch.optim.Adam(result.model.parameters(), lr=1e-2)
+    sched = DynamicSparsity(result, LOSSES, opt, update_every=1, end_step=20, prune_rate=0.5)
+    assert ("internal", "rnn", key) in sched._buffers
+    start = sched.channel_keep[units.id]
+    finetune(result, LOSSES, data, 4, dynamic=sched, progress=False)  # an update after every step
+    assert [h["step"] for h in sched.history] == [0, 1, 2, 3, 4]
+    buffer = getattr(result.model.rnn, f"{key}_keep")
+    assert torch.equal(buffer != 0, sched.channel_keep[units.id])
+    assert not torch.equal(start, sched.channel_keep[units.id])  # units moved
+    assert torch.equal(result.plan.channels.keep[units.id], sched.channel_keep[units.id])
+    slim = dfx.slim(result)  # parity with the masked model is checked inside
+    assert getattr(slim.rnn, f"{key}_size") == int(start.sum())
+    assert sum(p.numel() for p in slim.parameters()) == slim_params0
+    x = data[0]["input"]
+    with torch.no_grad():
+        want, got = result.model.eval()(x), slim.eval()(x)
+    for t in want:
+        torch.testing.assert_close(got[t], want[t], atol=1e-5 * max(1.0, float(want[t].abs().max())), rtol=0)

@@ -68,7 +68,7 @@ import torch.nn as nn
 from .registry import Labels, register_channel_rule
 from ._types import TensorInfo
 
-__all__ = ["MaskedRNN", "MaskedLSTM", "MaskedGRU", "is_masked_rnn", "unmasked_rnn"]
+__all__ = ["MaskedRNN", "MaskedLSTM", "MaskedGRU", "is_masked_rnn", "unmasked_rnn", "plain_rnn_type"]
 
 #: rows per hidden unit in each weight: one per gate
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
@@ -154,8 +154,10 @@ class MaskedGRU(_MaskedRecurrence, nn.GRU):
 _MASKED = {nn.RNN: MaskedRNN, nn.LSTM: MaskedLSTM, nn.GRU: MaskedGRU}
 
 
-def _plain_type(m: nn.Module) -> type:
-    return next(t for t in (nn.LSTM, nn.GRU, nn.RNN) if isinstance(m, t))
+def plain_rnn_type(m: nn.Module) -> type:
+    """``nn.LSTM``, ``nn.GRU`` or ``nn.RNN``: the torch type ``m`` is (a masked RNN, or a
+    user's subclass, included); ``type(m)`` for another module."""
+    return next((t for t in (nn.LSTM, nn.GRU, nn.RNN) if isinstance(m, t)), type(m))
 
 
 def is_masked_rnn(m: nn.Module) -> bool:
@@ -165,7 +167,7 @@ def is_masked_rnn(m: nn.Module) -> bool:
 
 def unmasked_rnn(m: nn.Module) -> nn.Module:
     """The plain torch module a masked RNN stands for (same parameter objects)."""
-    return _rebuild(_plain_type(m), m)
+    return _rebuild(plain_rnn_type(m), m)
 
 
 # ----------------------------------------------------------------------------- rule
@@ -242,7 +244,7 @@ def _rnn(ctx):
 def _rnn_mask(sctx):
     """The masked model: a masked twin sharing the parameters (see :class:`_MaskedRecurrence`)."""
     m = sctx.module
-    new = _rebuild(_MASKED[_plain_type(m)], m)
+    new = _rebuild(_MASKED[plain_rnn_type(m)], m)
     new.set_masks(sctx.internal("hidden"), sctx.internal("proj") if m.proj_size else None)
     sctx.gm.add_submodule(sctx.node.target, new)
 
@@ -253,7 +255,7 @@ def _rnn_slim(sctx):
     sizes = dict(input_size=m.weight_ih_l0.shape[1], hidden_size=m.weight_hh_l0.shape[0] // _GATES[m.mode])
     if m.proj_size:
         sizes["proj_size"] = m.weight_hr_l0.shape[0]
-    new = _rebuild(_plain_type(m), m, **sizes)
+    new = _rebuild(plain_rnn_type(m), m, **sizes)
     new.flatten_parameters()  # one cuDNN weight buffer (a no-op on the CPU)
     sctx.gm.add_submodule(sctx.node.target, new)
 
