@@ -6,7 +6,6 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from .plan import Plan
-from .report import summary_table
 
 __all__ = ["CompressionResult"]
 
@@ -20,5 +19,7 @@ class CompressionResult:
     plan: Plan
 
     def summary(self, *, tablefmt: str = "github") -> str:
-        """Per-layer table: owners, shape, per-task density, final density."""
+        """Per-layer table: owners, shape, each task's kept fraction, the final kept fraction."""
+        from .report import summary_table  # the report reads results: imported here, not at module level
+
         return summary_table(self.plan, tablefmt=tablefmt)
