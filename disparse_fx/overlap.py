@@ -57,14 +57,17 @@ class MaskOverlap:
         headers = ["depth", "shared layer", *[f"IoU {a}/{b}" for a, b in pairs], "IoU all", ""]
         return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
-    def plot(self, path, *, title: str = "Per-task mask overlap on shared layers") -> None:
-        """Line plot of the IoU against depth (all tasks, and each pair); PNG or SVG by suffix."""
-        import matplotlib
+    def plot(self, path, *, title: str = "Per-task mask overlap on shared layers"):
+        """Line plot of the IoU (0..1) of the tasks' keep-masks against depth: all tasks,
+        and each pair; the x axis names each shared layer (its parameter, rotated). Writes
+        PNG or SVG by the suffix of ``path`` and returns the matplotlib Figure."""
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(max(6, len(self.layers) * 0.35), 4))
+        names = [layer.param for layer in self.layers]
+        longest = max(map(len, names), default=0)
+        # one tick per layer; the rotated names need about 0.065 inch per character below the axis
+        fig = Figure(figsize=(max(6.0, len(names) * 0.3), 3.2 + 0.065 * longest))
+        ax = fig.add_subplot()
         depths = [layer.depth for layer in self.layers]
         pairs = sorted({p for layer in self.layers for p in layer.pairwise}, key=str)
         for p in pairs:
@@ -74,14 +77,16 @@ class MaskOverlap:
         if self.watershed is not None:
             w = next(layer.depth for layer in self.layers if layer.param == self.watershed)
             ax.axvline(w, color="red", ls="--", lw=1, label=f"watershed: {self.watershed}")
-        ax.set_xlabel("shared layer (depth order)")
+        ax.set_xticks(depths)
+        ax.set_xticklabels(names, rotation=90, fontsize=7 if len(names) <= 40 else 5)
+        ax.set_xlabel("shared layer (parameter), in depth order")
         ax.set_ylabel("IoU of task keep-masks")
         ax.set_ylim(0, 1.02)
         ax.set_title(title)
         ax.legend(fontsize=7, loc="lower left")
         fig.tight_layout()
         fig.savefig(path)
-        plt.close(fig)
+        return fig
 
 
 def mask_overlap(result_or_plan, *, order: Optional[Sequence[str]] = None) -> MaskOverlap:
