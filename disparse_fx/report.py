@@ -2,6 +2,10 @@
 (shapes before -> after slimming, parameter and FLOP totals per task) and a report
 folder with the mask-overlap plot and the graph drawing.
 
+Every column holding a fraction says which: ``kept[task]`` / ``kept (final)`` are the
+fractions of a layer the masks keep (its density), ``(% kept)`` is after / before, and
+``removed`` (the budget table) and "sparsity" are what was taken away.
+
 FLOPs are those of :func:`passes.flops.count_flops`: multiply-adds x 2 of convolutions,
 linear layers and matmuls, per sample; elementwise ops, norms and pooling are not
 counted.
@@ -37,10 +41,17 @@ def owners_label(plan: Plan, param: str) -> str:
     return f"shared({names})" if len(owners) > 1 else names
 
 
+def _layer_headers(tasks: Sequence[Hashable], shape: str = "shape") -> List[str]:
+    """Headers of a per-layer table: each task's kept fraction of the layer (its own
+    mask's density), then the kept fraction of the final mask."""
+    return ["parameter", "owners", shape, *[f"kept[{t}]" for t in tasks], "kept (final)"]
+
+
 def summary_table(plan: Plan, *, tablefmt: str = "github") -> str:
-    """Per prunable layer: owners, shape, each task's own density, final density; totals."""
+    """Per prunable layer: owners, shape, the fraction each task's own mask keeps, the
+    fraction the final mask keeps; totals. Sparsity (below the table) is the fraction removed."""
     tasks: List[Hashable] = list(plan.tasks)
-    headers = ["parameter", "owners", "shape", *[f"density[{t}]" for t in tasks], "final density"]
+    headers = _layer_headers(tasks)
     rows = []
     kept_total = numel_total = 0
     for p in plan.prunable:
@@ -63,7 +74,8 @@ def summary_table(plan: Plan, *, tablefmt: str = "github") -> str:
         "",
         f"criterion={cfg.criterion} disentangle={cfg.disentangle} granularity={cfg.granularity} "
         f"batches={plan.batches} keep_ratio={plan.keep_ratio:.4f}",
-        f"sparsity: target {cfg.sparsity:.4f}, achieved {plan.sparsity:.4f} over {numel_total} prunable elements",
+        f"sparsity (fraction removed): target {cfg.sparsity:.4f}, achieved {plan.sparsity:.4f} over "
+        f"{numel_total} prunable elements",
     ]
     if unused:
         lines.append(f"unused parameters (reach no task output, never pruned): {', '.join(unused)}")
@@ -146,7 +158,7 @@ def _sections(result: "CompressionResult", example_inputs: Any, slim_model: Opti
     after = dict(slim_model.named_parameters())
     names = list(dict.fromkeys([*plan.owners, *before]))
 
-    headers = ["parameter", "owners", "shape before -> after", *[f"density[{t}]" for t in tasks], "final density"]
+    headers = _layer_headers(tasks, "shape before -> after")
     rows = []
     for p in names:
         t_before = before.get(p)
@@ -168,12 +180,12 @@ def _sections(result: "CompressionResult", example_inputs: Any, slim_model: Opti
 
     flops_before = count_flops(result.model, example)
     flops_after = count_flops(slim_model, example)
-    totals_headers = ["scope", "parameters before -> after"]
+    totals_headers = ["scope", "parameters before -> after (% kept)"]
     if element:
-        totals_headers.append("kept by the masks")
-    totals_headers += ["FLOPs before -> after"]
+        totals_headers.append("parameters kept by the masks (% kept)")
+    totals_headers += ["FLOPs before -> after (% kept)"]
     if element:
-        totals_headers.append("effective FLOPs (masked)")
+        totals_headers.append("effective FLOPs, masked (% kept)")
     totals = []
     scopes: List[Tuple[str, Sequence[str], Optional[Hashable]]] = [
         (f"task {t}", [p for p in names if t in plan.owners.get(p, ())], t) for t in tasks]
@@ -195,7 +207,8 @@ def _sections(result: "CompressionResult", example_inputs: Any, slim_model: Opti
     notes = [
         f"criterion={cfg.criterion} disentangle={cfg.disentangle} granularity={cfg.granularity} "
         f"batches={plan.batches} keep_ratio={plan.keep_ratio:.4f}",
-        f"sparsity: target {cfg.sparsity:.4f}, achieved {plan.sparsity:.4f} over the prunable parameters",
+        f"sparsity (fraction removed): target {cfg.sparsity:.4f}, achieved {plan.sparsity:.4f} over the "
+        "prunable parameters",
         "shapes after: the slim model (dfx.slim); 'removed' = the parameter is gone from it",
         "FLOPs per sample: conv / linear / matmul / attention multiply-adds x 2 (elementwise ops, norms and "
         "pooling not counted); a task's FLOPs are those its output needs"
@@ -248,8 +261,9 @@ def attention_table(plan: Plan) -> Optional[Tuple[List[str], List[List[str]]]]:
 def report(result: "CompressionResult", *, example_inputs: Any = None, slim_model: Optional["fx.GraphModule"] = None,
            tablefmt: str = "github") -> str:
     """The compression report: one row per parameter (owners, shape before -> after,
-    each task's density, final density), then parameters and FLOPs before -> after per
-    task and overall (element results: also what the masks keep, and effective FLOPs).
+    the fraction each task's mask keeps, the fraction the final mask keeps), then
+    parameters and FLOPs before -> after per task and overall, with the percentage kept
+    (element results: also what the masks keep, and effective FLOPs).
 
     ``slim_model``: the slim model to read shapes and FLOPs after from (default:
     ``dfx.slim(result, example_inputs)``). ``example_inputs``: a Tensor or a tuple,

@@ -48,7 +48,7 @@ def test_report_shapes_params_and_flops(granularity):
     assert early[1].startswith(f"{sum(result.model.get_parameter(p).numel() for p in early_params):,} -> ")
     assert any(c.startswith(f"{before_f.per_task['early']:,} -> {after_f.per_task['early']:,}") for c in early)
     if granularity == "element":
-        assert "effective FLOPs (masked)" in text
+        assert "effective FLOPs, masked (% kept)" in text
         assert overall[4].startswith(f"{before_f.total:,} -> {before_f.effective_total:,}")
         assert before_f.effective_total < after_f.total <= before_f.total  # emptied channels go
     else:
@@ -114,3 +114,32 @@ def test_attention_heads_table_shows_each_tasks_votes():
     element = dfx.compress(model, losses, [{"input": x, **targets}], dfx.CompressConfig(
         sparsity=0.5, num_batches=1, progress=False))
     assert attention_table(element.plan) is None and "## Attention heads" not in dfx.report(element)
+
+
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+def test_every_fraction_column_says_kept_or_removed(granularity):
+    """Kept fractions (densities, after / before) and removed fractions (sparsity, the
+    budget's 'removed') sit in the same report: each header says which it holds."""
+    _, result = _compress("two_heads_dict", granularity)
+    text = report(result)
+    headers = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not set(line) <= set("|-: "):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            headers.setdefault(cells[0], cells)  # the first row of each table: its headers
+    per_layer = headers["parameter"]
+    assert per_layer[3:] == ["kept[seg]", "kept[cls]", "kept (final)"]
+    totals = headers["scope"]
+    assert all(h.endswith("(% kept)") for h in totals[1:]) and len(totals) == (5 if granularity == "element" else 3)
+    overall = _row(text, "overall")
+    n_before = sum(p.numel() for p in result.model.parameters())
+    n_after = sum(p.numel() for p in dfx.slim(result).parameters())
+    assert overall[1].endswith(f"({n_after / n_before:.1%})")  # after / before: the kept share
+    if granularity == "channel":
+        assert headers["quantity"] == ["quantity", "before", "after (slim)", "removed"]
+        removed = _row(text, "parameters")[3]
+        assert removed == f"{1 - n_after / n_before:.1%}"
+    assert "sparsity (fraction removed): target 0.5000" in text
+    summary = result.summary()
+    assert "| kept[seg] " in summary and "kept (final)" in summary and "density" not in summary
+    assert "sparsity (fraction removed)" in summary
