@@ -83,7 +83,7 @@ def compress(
     losses = guard_losses(_match_task_losses(task_losses, ownership.tasks))
 
     prunable = _select_prunable(gm, model, ownership.owners, config)
-    unpruned = _report_unpruned(gm, model, prunable, ownership.owners) if config.filter_fn is None else {}
+    unpruned = _report_unpruned(gm, model, prunable, ownership.owners, config) if config.filter_fn is None else {}
     tick = _lap(timings, "ownership", tick)
     inputs = inputs or default_inputs
     first, data = _peek(data)
@@ -281,11 +281,15 @@ def _select_prunable(gm, model, owners, config) -> tuple:
     return chosen
 
 
-def _report_unpruned(gm, model, prunable, owners) -> Dict[str, str]:
+def _report_unpruned(gm, model, prunable, owners, config) -> Dict[str, str]:
     """Conv / linear weights that reach a task but the default filter could not prune
     (inside a leaf module, or also used as something other than a weight): warned about
-    here and kept in Plan.unpruned, so ``sparsity`` is never read as covering them."""
+    here and kept in Plan.unpruned, so ``sparsity`` is never read as covering them. At
+    channel granularity an RNN's weights shrink with its hidden units: not reported."""
     unpruned = {p: why for p, why in unpruned_weights(gm, prunable, reference=model).items() if owners.get(p)}
+    if config.granularity == "channel":
+        unpruned = {p: why for p, why in unpruned.items()
+                    if not isinstance(model.get_submodule(p.rpartition(".")[0]), nn.RNNBase)}
     if unpruned:
         params = dict(model.named_parameters())
         left = sum(params[p].numel() for p in unpruned)

@@ -390,6 +390,16 @@ def test_rnn_weights_are_reported_as_not_element_pruned(cell, caplog):
     assert "'rnn.weight_ih_l0'" in message and f"nn.{cell} weights are not element-pruned" in message
 
 
+def test_rnn_weights_are_not_reported_at_channel_granularity(caplog):
+    """There the hidden units go, so the RNN's weights shrink: nothing stays dense."""
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="disparse_fx"):
+        result = dfx.compress(SeqNet("LSTM"), LOSSES, seq_data(), dfx.CompressConfig(
+            sparsity=0.5, granularity="channel", criterion="taylor", num_batches=3, progress=False))
+    assert dict(result.plan.unpruned) == {}
+    assert not [r for r in caplog.records if "stay dense" in r.getMessage()]
+
+
 @pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 def test_projection_weights_and_masked_rnns_are_reported():
     gm = trace_model(StateNet("LSTM", num_layers=1, proj_size=6))
