@@ -85,7 +85,7 @@ def compress(
     prunable = _select_prunable(gm, model, ownership.owners, config)
     unpruned = _report_unpruned(gm, model, prunable, ownership.owners, config) if config.filter_fn is None else {}
     tick = _lap(timings, "ownership", tick)
-    inputs = inputs or default_inputs
+    given_inputs, inputs = inputs, inputs or default_inputs
     first, data = _peek(data)
     example = None if first is None else check_example(gm, model, model_inputs(inputs, first, 0),
                                                        trial=config.granularity == "channel")
@@ -169,7 +169,7 @@ def compress(
              len(ownership.tasks), len(prunable), total, plan.sparsity, config.sparsity, timings["total"],
              ", ".join(f"{k} {v:.2f}s" for k, v in timings.items() if k != "total"),
              f"; {budget}" if budget is not None else "")
-    return CompressionResult(model=masked, plan=plan)
+    return CompressionResult(model=masked, plan=plan, inputs=given_inputs)
 
 
 def slim(result: CompressionResult, example_inputs=None) -> fx.GraphModule:

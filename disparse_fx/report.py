@@ -86,7 +86,20 @@ def summary_table(plan: Plan, *, tablefmt: str = "github") -> str:
     if fixed is not None:
         lines += ["", "channel groups that cannot be pruned (they hold prunable parameters):",
                   tabulate(fixed[1], headers=fixed[0], tablefmt=tablefmt, disable_numparse=True)]
+    dense = unpruned_table(plan)
+    if dense is not None:
+        lines += ["", "weights left dense (not counted in sparsity):",
+                  tabulate(dense[1], headers=dense[0], tablefmt=tablefmt, disable_numparse=True)]
     return "\n".join(lines)
+
+
+def unpruned_table(plan: Plan) -> Optional[Tuple[List[str], List[List[str]]]]:
+    """(headers, rows): the weights compress() could not prune under the default filter
+    (:attr:`Plan.unpruned`), with the reason; None when there are none."""
+    unpruned = getattr(plan, "unpruned", None)
+    if not unpruned:
+        return None
+    return ["parameter", "why left dense"], [[p, why] for p, why in unpruned.items()]
 
 
 def budget_table(plan: Plan) -> Optional[Tuple[List[str], List[List[str]]]]:
@@ -226,6 +239,9 @@ def _sections(result: "CompressionResult", example_inputs: Any, slim_model: Opti
     fixed = fixed_groups_table(plan)
     if fixed is not None:
         sections.append(("Fixed channel groups", *fixed))
+    dense = unpruned_table(plan)
+    if dense is not None:
+        sections.append(("Weights left dense", *dense))
     heads = attention_table(plan)
     if heads is not None:
         sections.append(("Attention heads", *heads))

@@ -814,7 +814,8 @@ def save(obj: Any, path: PathLike) -> None:
     files: Dict[str, bytes] = {}
     if isinstance(obj, CompressionResult):
         kind = "compression_result"
-        extra = {f.name for f in dataclasses.fields(obj)} - {"model", "plan"}
+        # inputs: a callable (batch -> model inputs), deliberately not saved (see CompressionResult)
+        extra = {f.name for f in dataclasses.fields(obj)} - {"model", "plan", "inputs"}
         if extra:
             raise UnserializableError(f"CompressionResult has fields {sorted(extra)} that save() does not know")
         model = _encode_graph_module(obj.model, tensors)

@@ -251,7 +251,7 @@ class DynamicSparsity:
         self.task_losses = _match_task_losses(task_losses, plan.tasks)
         self.update_every, self.end_step = update_every, end_step
         self.prune_rate, self.init, self.seed = float(prune_rate), init, seed
-        self.inputs = inputs or default_inputs
+        self.inputs = inputs or result.inputs or default_inputs  # compress's inputs= unless given
         self.prunable: Tuple[str, ...] = tuple(plan.prunable)
 
         self.domains = {t: tuple(p for p in self.prunable if t in plan.owners[p]) for t in plan.tasks}
@@ -978,6 +978,8 @@ def finetune(
     ``optimizer``: "adam" (default), "adamw", "sgd" (momentum 0.9), a factory
     ``params -> Optimizer``, or an Optimizer; with ``dynamic`` the scheduler's optimizer
     is used. ``task_weights``: {task: weight} of the summed loss (default 1 each).
+    ``inputs``: batch -> model input(s); default: the scheduler's, else the ``inputs=``
+    compress() was given (``CompressionResult.inputs``), else api.md's default.
     ``eval_fn(model)`` runs under ``torch.no_grad()`` in eval mode every ``eval_every``
     steps and after the last step. Pruned weights get zero gradient, so they stay zero.
 
@@ -1013,6 +1015,11 @@ def finetune(
         opt = dynamic.optimizer
     else:
         opt = _make_optimizer(optimizer, model, lr, weight_decay)
+    # the inputs= given here, else the scheduler's, else compress's (kept in the result)
+    if inputs is None and dynamic is not None:
+        inputs = dynamic.inputs
+    if inputs is None and isinstance(result_or_model, CompressionResult):
+        inputs = result_or_model.inputs
     inputs = inputs or default_inputs
 
     history: Dict[str, Any] = {"step": [], "loss": [], "task_losses": {}, "eval": [], "sparsity": []}

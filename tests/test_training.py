@@ -702,3 +702,26 @@ def test_channel_dynamic_sparsity_moves_an_lstms_units(kw, member, key):
         want, got = result.model.eval()(x), slim.eval()(x)
     for t in want:
         torch.testing.assert_close(got[t], want[t], atol=1e-5 * max(1.0, float(want[t].abs().max())), rtol=0)
+
+
+def test_finetune_and_dynamic_sparsity_reuse_the_inputs_given_to_compress():
+    """Batches whose input sits under 'image': compress's inputs= is remembered by the
+    result, so finetune and DynamicSparsity need not be told again (#16)."""
+    from .zoo import ZOO_BY_NAME
+
+    entry = ZOO_BY_NAME["two_heads_dict"]
+    data = [{("image" if k == "input" else k): v for k, v in b.items()} for b in entry.batches(2)]
+    pick = lambda batch: batch["image"]  # noqa: E731
+    for granularity in ("element", "channel"):
+        result = dfx.compress(entry.build(), entry.task_losses, data, dfx.CompressConfig(
+            sparsity=0.5, granularity=granularity, num_batches=2, progress=False), inputs=pick)
+        assert result.inputs is pick
+        history = dfx.finetune(result, entry.task_losses, data, steps=2, progress=False)
+        assert len(history["loss"]) == 2
+        opt = torch.optim.SGD(result.model.parameters(), lr=1e-3)
+        dynamic = dfx.DynamicSparsity(result, entry.task_losses, opt, end_step=4, update_every=2)
+        assert dynamic.inputs is pick
+        dfx.finetune(result, entry.task_losses, data, steps=2, progress=False, dynamic=dynamic)
+    with pytest.raises(dfx.DisparseError):  # without it the default reads batch["input"]: not there
+        dfx.finetune(dfx.CompressionResult(result.model, result.plan), entry.task_losses, data, steps=1,
+                     progress=False)

@@ -98,3 +98,14 @@ def test_unpruned_survives_save_and_load(tmp_path, monkeypatch):
     monkeypatch.setitem(dfx.serialize._EXTRA_MODULE_TYPES, f"{Block.__module__}.{Block.__qualname__}", Block)
     dfx.save(result, tmp_path / "r.dfx")
     assert dict(dfx.load(tmp_path / "r.dfx").plan.unpruned) == dict(result.plan.unpruned)
+
+
+def test_summary_and_report_list_the_weights_left_dense(tmp_path, monkeypatch):
+    result = _compress(leaf_modules=(Block,))
+    summary = result.summary()
+    assert "weights left dense (not counted in sparsity):" in summary
+    assert "block.a.weight" in summary and "inside leaf module 'block' (Block)" in summary
+    monkeypatch.setitem(dfx.serialize._EXTRA_MODULE_TYPES, f"{Block.__module__}.{Block.__qualname__}", Block)
+    text = dfx.report(result)
+    assert "Weights left dense" in text and "block.b.weight" in text
+    assert "weights left dense" not in _compress().summary()
