@@ -146,7 +146,7 @@ def verify_onnx(model: nn.Module, path, args: Tuple[torch.Tensor, ...], tasks: S
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors reach the caller as exceptions, not as log lines on stderr
+    options.log_severity_level = 4  # fatal only: errors reach the caller as exceptions, not as log lines on stderr
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime's exception types are not ours

@@ -104,13 +104,15 @@ class _BatchBaked(torch.nn.Module):
         return {"y": self.fc(x).view(b, 2, 3).sum(1)}
 
 
-def test_export_errors_are_disparse_errors_that_name_the_fault(tmp_path):
+def test_export_errors_are_disparse_errors_that_name_the_fault(tmp_path, capfd):
     """Failures of the exporter, of onnxruntime and of the model itself come out as
     DisparseErrors naming what is at fault; the model is as before, errors included."""
     model = _BatchBaked()
     before = _state(model)
+    capfd.readouterr()
     with pytest.raises(dfx.ExportMismatchError, match=r"onnxruntime rejects batch size 4 .*exported at batch size 2"):
         dfx.export_onnx(model, torch.randn(2, 4), tmp_path / "baked.onnx")
+    assert "onnxruntime" not in capfd.readouterr().err  # no raw onnxruntime log line besides the error
     assert _same_state(model, before)
     dfx.export_onnx(model, torch.randn(2, 4), tmp_path / "baked.onnx", dynamic_batch=False)  # the advice works
     with pytest.raises(dfx.DisparseValueError, match=r"_BatchBaked raised RuntimeError on example_inputs \(\(2, 5\)"):
