@@ -18,6 +18,7 @@ import torch.fx as fx
 from disparse_fx.passes.channel_costs import ChannelCostModel, flop_cost_model, param_cost_model
 from disparse_fx.passes.channel_groups import ChannelGroups
 
+from .channel_decision import TARGET_TOLERANCE
 from .config import CompressConfig
 
 __all__ = ["BudgetReport", "budget_model", "budget_report"]
@@ -100,6 +101,9 @@ def budget_report(config: CompressConfig, gm: fx.GraphModule, groups: ChannelGro
     if model is not None and model.unit == "ms":
         latency = (float(model.cost(ones)), float(model.cost(flat)))
         note = getattr(model, "note", "")
+    if abs(achieved - config.sparsity) > TARGET_TOLERANCE:
+        note = "; ".join(filter(None, [note, f"off target by {achieved - config.sparsity:+.4f}: no plan of whole "
+                                             f"channels lands closer"]))
     return BudgetReport(
         kind=config.budget, target=float(config.sparsity), achieved=float(achieved),
         params=(int(round(float(params.cost(ones)))), int(round(float(params.cost(flat))))),

@@ -183,12 +183,18 @@ def decide_channels(
     ranked, keep_at, r = choose(cost)
     keep, extra = keep_at(r)
     achieved = removed_at(keep)
-    if achieved < config.sparsity - _TOLERANCE:  # coarse channels, or a target out of reach?
+    unreachable = False
+    if achieved < config.sparsity - TARGET_TOLERANCE:  # coarse channels, or a target out of reach?
         most = removed_at(keep_at(-math.inf)[0])
-        if most < config.sparsity - _TOLERANCE:
-            _unreachable(groups, most, config, round_to, prunable_set, shapes)
+        if most < config.sparsity - TARGET_TOLERANCE:
+            _unreachable(groups, most, config, round_to, prunable_set, shapes)  # raises, or warns (best_effort)
             keep, extra = keep_at(-math.inf)
-            achieved = most
+            achieved, unreachable = most, True
+    if abs(achieved - config.sparsity) > TARGET_TOLERANCE and not unreachable:
+        log.warning("CompressConfig(sparsity=%g, budget=%r): the nearest plan of whole channels removes %.4f "
+                    "(off by %+.4f)%s; the model's channels are coarse for this target - a nearby sparsity "
+                    "or a smaller round_to may land closer", config.sparsity, config.budget, achieved,
+                    achieved - config.sparsity, f" with channels removed {round_to} at a time" if round_to > 1 else "")
 
     voted = [g for g in removable if torch.isfinite(ranked.c_min[g.id]).any()]
     task_keep: Dict[Hashable, Dict[int, torch.Tensor]] = {}
@@ -211,8 +217,9 @@ def decide_channels(
 
 #: Re-estimations of the channels' marginal FLOPs / latency (each: one ranking and search).
 _REESTIMATE = 3
-#: How far below the target a plan may land before the target counts as unreachable.
-_TOLERANCE = 0.01
+#: How far from the target a plan may land: further below it (and no plan reaches it) the
+#: target is unreachable; further off either way, compress warns that channels are coarse.
+TARGET_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)

@@ -248,3 +248,33 @@ def test_summary_shows_the_budget_before_and_after():
     text = result.summary()
     assert "budget flops" in text and "FLOPs / sample" in text and "parameters" in text
     assert math.isclose(result.plan.budget.target, 0.5)
+
+
+def test_a_target_the_channels_are_too_coarse_to_land_near_is_reported(caplog):
+    """One channel of this model is ~1/6 of its prunable weights: no plan lands within
+    1% of 0.5, though 0.5 is reachable. compress warns and the budget report says so (#16)."""
+    import logging
+
+    class Coarse(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.b = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.seg, self.cls = torch.nn.Conv2d(3, 2, 1), torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.b(torch.relu(self.a(x))))
+            return {"seg": self.seg(h), "cls": self.cls(h.mean((2, 3)))}
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"input": torch.randn(2, 3, 6, 6, generator=g), "seg": torch.randint(0, 2, (2, 6, 6), generator=g),
+             "cls": torch.randint(0, 2, (2,), generator=g)} for _ in range(2)]
+    losses = {"seg": lambda p, b: torch.nn.functional.cross_entropy(p, b["seg"]),
+              "cls": lambda p, b: torch.nn.functional.cross_entropy(p, b["cls"])}
+    with caplog.at_level(logging.WARNING, logger="disparse_fx"):
+        result = dfx.compress(Coarse(), losses, data, dfx.CompressConfig(
+            sparsity=0.5, granularity="channel", criterion="taylor", num_batches=2, progress=False))
+    assert abs(result.plan.sparsity - 0.5) > 0.01
+    (message,) = [r.getMessage() for r in caplog.records if "nearest plan of whole channels" in r.getMessage()]
+    assert f"removes {result.plan.budget.achieved:.4f}" in message and "coarse" in message
+    assert "off target by" in result.plan.budget.note and "off target by" in str(result.plan.budget)
