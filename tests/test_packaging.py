@@ -3,6 +3,7 @@ folder installs as ``disparse_fx.passes``), plus the ``disparse-fx`` console scr
 from __future__ import annotations
 
 import pathlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,8 +17,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def wheel(tmp_path_factory) -> pathlib.Path:
     pytest.importorskip("setuptools", minversion="77")
     out = tmp_path_factory.mktemp("wheel")
+    # built from a copy: setuptools writes build/ and *.egg-info next to the sources
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md", "disparse_fx", "passes"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
+        copy(ROOT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                            if (ROOT / name).is_dir() else {}))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(out), str(ROOT)], check=True, capture_output=True, cwd=out)
+                    "-w", str(out), str(source)], check=True, capture_output=True, cwd=out)
     (path,) = out.glob("disparse_fx-*.whl")
     return path
 
