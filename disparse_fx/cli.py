@@ -160,7 +160,8 @@ def _config_options() -> Tuple[ConfigOption, ...]:
                                   "magnitude or random (no data needed)", choices=CRITERIA),
         ConfigOption("attention", "channel granularity: prune whole attention heads or per-head dimensions",
                      choices=ATTENTION),
-        ConfigOption("num_batches", "batches used to estimate importance", type=int),
+        ConfigOption("num_batches", "batches used to estimate importance (default: up to 50, all the data "
+                                    "has if fewer)", type=int),
         ConfigOption("seed", "seeds the random criterion and tie-breaking", type=int),
     )
 
@@ -382,11 +383,11 @@ def _cmd_compress(args, out: TextIO) -> int:
 
         from .data import default_task_losses, make_splits
 
-        splits = make_splits(seed=args.seed, n_train=8 * args.num_batches, n_val=8, n_test=8)
+        splits = make_splits(seed=args.seed, n_train=8 * args.config.batch_limit, n_val=8, n_test=8)
         data, losses = DataLoader(splits.train, batch_size=8, shuffle=False), default_task_losses()
     elif args.criterion in ("magnitude", "random") and args.input_shape:
         gen = torch.Generator().manual_seed(args.seed)
-        data = [torch.randn(args.input_shape, generator=gen) for _ in range(args.num_batches)]
+        data = [torch.randn(args.input_shape, generator=gen) for _ in range(args.config.batch_limit)]
         losses = _dummy_losses(model)
     else:  # main() rejects this combination as a usage error
         raise CLIError("compress MODEL needs --data package.module:factory (or --criterion magnitude/random "

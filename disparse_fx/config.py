@@ -8,13 +8,16 @@ import torch
 
 from .errors import DisparseValueError
 
-__all__ = ["CompressConfig", "CRITERIA", "GRANULARITIES", "ATTENTION", "BUDGETS", "default_prunable",
-           "default_round_to"]
+__all__ = ["CompressConfig", "CRITERIA", "GRANULARITIES", "ATTENTION", "BUDGETS", "DEFAULT_NUM_BATCHES",
+           "default_prunable", "default_round_to"]
 
 CRITERIA = ("snip", "taylor", "magnitude", "random")
 GRANULARITIES = ("element", "channel")
 ATTENTION = ("heads", "head_dims")
 BUDGETS = ("params", "flops", "latency")
+#: Batches importance reads when CompressConfig.num_batches is None (the paper's setup
+#: scores on 50 batches: docs/method.md).
+DEFAULT_NUM_BATCHES = 50
 
 
 def default_round_to(device: torch.device, dtype: torch.dtype, budget: str = "params") -> int:
@@ -59,7 +62,11 @@ class CompressConfig:
     disentangle: True = DiSparse (per-task scores, unanimous decision); False = one
         global score on the summed loss (the baseline users compare against).
     granularity: "element" or "channel".
-    num_batches: batches used to estimate importance (snip / taylor).
+    num_batches: batches used to estimate importance (snip / taylor). None (the
+        default): up to :data:`DEFAULT_NUM_BATCHES` (50), or every batch the data has if
+        it has fewer - a first experiment on a handful of batches just works. An int:
+        exactly that many; data with fewer raises NotEnoughBatchesError (unless
+        allow_fewer_batches).
     seed: seeds the random criterion and tie-breaking; same seed -> same masks.
     min_layer_density: floor on each prunable parameter's kept fraction (at least one
         element is always kept), so no layer is pruned to zero.
@@ -95,7 +102,7 @@ class CompressConfig:
     criterion: str = "snip"
     disentangle: bool = True
     granularity: str = "element"
-    num_batches: int = 50
+    num_batches: Optional[int] = None
     seed: int = 0
     min_layer_density: float = 0.01
     allow_fewer_batches: bool = False
@@ -120,8 +127,9 @@ class CompressConfig:
             bad("disentangle", "True or False", self.disentangle)
         if self.granularity not in GRANULARITIES:
             bad("granularity", f"one of {GRANULARITIES}", self.granularity)
-        if isinstance(self.num_batches, bool) or not isinstance(self.num_batches, int) or self.num_batches < 1:
-            bad("num_batches", "an integer >= 1", self.num_batches)
+        if self.num_batches is not None and (isinstance(self.num_batches, bool) or not isinstance(
+                self.num_batches, int) or self.num_batches < 1):
+            bad("num_batches", "an integer >= 1 or None (up to 50)", self.num_batches)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             bad("seed", "an integer", self.seed)
         if not isinstance(self.min_layer_density, (int, float)) or not 0.0 <= self.min_layer_density <= 1.0:
@@ -145,6 +153,11 @@ class CompressConfig:
             bad("latency_time_limit_s", "a number of seconds > 0", self.latency_time_limit_s)
         if self.attention not in ATTENTION:
             bad("attention", f"one of {ATTENTION}", self.attention)
+
+    @property
+    def batch_limit(self) -> int:
+        """The most batches importance reads: num_batches, or DEFAULT_NUM_BATCHES for None."""
+        return DEFAULT_NUM_BATCHES if self.num_batches is None else self.num_batches
 
     @property
     def needs_data(self) -> bool:

@@ -121,11 +121,11 @@ def _gradient_scores(gm, units, params, task_losses, data, inputs, config) -> Ta
                 for u, d in units.items()}
     snip = config.criterion == "snip"
     batches = 0
-    bar = tqdm(total=config.num_batches, desc="importance", unit="batch",
+    bar = tqdm(total=config.batch_limit, desc="importance", unit="batch",
                disable=not (config.progress and sys.stderr.isatty()), leave=False)
     with _train_mode(gm), _forked_rng(device, config.seed), bar:
         buffers = {n: b.detach().clone() for n, b in gm.named_buffers()}
-        for index, batch in enumerate(_take(data, config.num_batches)):
+        for index, batch in enumerate(_take(data, config.batch_limit)):
             leaves = {p: params[p].detach().requires_grad_(True) for p in names_in_gm}
             batch = _to_device(batch, device)
             outputs = _forward(gm, leaves, names_in_gm, buffers, batch, inputs, index)
@@ -154,7 +154,7 @@ def _gradient_scores(gm, units, params, task_losses, data, inputs, config) -> Ta
             f"data yielded no batch; criterion {config.criterion!r} needs at least one "
             "(use criterion='magnitude' or 'random' for data-free pruning)"
         )
-    if batches < config.num_batches and not config.allow_fewer_batches:
+    if config.num_batches is not None and batches < config.num_batches and not config.allow_fewer_batches:
         raise NotEnoughBatchesError(
             f"data yielded {batches} batches, fewer than config.num_batches={config.num_batches}; "
             "pass more data, lower num_batches, or set allow_fewer_batches=True to use what there is"

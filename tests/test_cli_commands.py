@@ -158,7 +158,7 @@ def test_help_shows_defaults_equal_to_compress_config(command, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["inspect", MODEL, "--sparsity", "90"], "argument --sparsity: must be a number in [0, 1), got 90.0"),
     (["compress", MODEL, "--data", DATA, "--num-batches", "0", "--out", "r.dfx"],
-     "argument --num-batches: must be an integer >= 1, got 0"),
+     "argument --num-batches: must be an integer >= 1 or None (up to 50), got 0"),
     (["export", "s.dfx", "--out", "s.onnx", "--opset", "0"], "argument --opset: must be an integer >= 1"),
 ])
 def test_values_the_library_rejects_are_usage_errors_exit_2(argv, message, capsys):

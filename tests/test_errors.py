@@ -58,7 +58,7 @@ def test_unknown_criterion():
 
 @pytest.mark.parametrize("field,value,text", [
     ("granularity", "block", "granularity must be one of"),
-    ("num_batches", 0, "num_batches must be an integer >= 1, got 0"),
+    ("num_batches", 0, "num_batches must be an integer >= 1 or None \\(up to 50\\), got 0"),
     ("min_layer_density", 0.5, "min_layer_density must be at most 1 - sparsity"),
     ("round_to", 0, r"round_to must be None \(follow the device\) or an integer >= 1, got 0"),
     ("budget", "macs", r"budget must be one of \('params', 'flops', 'latency'\), got 'macs'"),
@@ -255,3 +255,17 @@ def test_node_descriptions_name_the_users_line_not_torchs():
     stem = next(n for n in gm.graph.nodes if n.name == "stem")
     text = describe_node(stem, gm)
     assert "tests/zoo.py" in text and "self.stem(x)" in text and "/torch/" not in text
+
+
+def test_the_default_num_batches_uses_what_a_small_dataset_has():
+    """CompressConfig() reads up to 50 batches, fewer without complaint; an explicit
+    num_batches still asks for that many (#16: the default failed on README-sized data)."""
+    result = dfx.compress(ENTRY.build(), ENTRY.task_losses, ENTRY.batches(3), dfx.CompressConfig(progress=False))
+    assert result.plan.batches == 3
+    assert dfx.CompressConfig().num_batches is None and dfx.CompressConfig().batch_limit == 50
+    assert dfx.CompressConfig(num_batches=7).batch_limit == 7
+    with pytest.raises(dfx.NotEnoughBatchesError, match=r"fewer than config.num_batches=5"):
+        dfx.compress(ENTRY.build(), ENTRY.task_losses, ENTRY.batches(3),
+                     dfx.CompressConfig(num_batches=5, progress=False))
+    with pytest.raises(dfx.DisparseValueError, match=r"num_batches must be an integer >= 1 or None"):
+        dfx.CompressConfig(num_batches=0)
