@@ -68,7 +68,7 @@ from typing import Dict, Hashable, Mapping, Sequence
 import torch
 
 from .config import CompressConfig
-from .importance import SUMMED, TaskScores
+from .importance import SUMMED, TaskScores, joined
 
 __all__ = ["Decision", "decide", "layer_floor"]
 
@@ -254,7 +254,7 @@ def _top_in_order(parts, dom, starts, k: int, seed: int, device) -> torch.Tensor
     """Flat indices of the unit's k best-ranked elements, best first."""
     if k == 0:
         return torch.zeros(0, dtype=torch.int64, device=device)
-    s = torch.cat([parts[p].reshape(-1) for p in dom])
+    s = joined(parts, dom)
     bits = s.view(torch.int32)
     sizes = [parts[p].numel() for p in dom]
     d_starts = torch.tensor([0] + sizes[:-1], device=device).cumsum(0)
@@ -404,7 +404,7 @@ class _RankCounter:
 
     def __init__(self, parts: Mapping[str, torch.Tensor], dom: Sequence[str], starts: Mapping[str, int], seed: int):
         self.seed = seed
-        self.bits = torch.cat([parts[p].reshape(-1) for p in dom]).view(torch.int32)
+        self.bits = joined(parts, dom).view(torch.int32)
         self.hist = torch.bincount(self.bits >> _BUCKET_SHIFT, minlength=(1 << (31 - _BUCKET_SHIFT)) + 1)
         self.higher = self.hist.flip(0).cumsum(0).flip(0) - self.hist  # elements in strictly higher buckets
         sizes = torch.tensor([parts[p].numel() for p in dom], device=self.bits.device)

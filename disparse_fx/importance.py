@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Hashable, Iterable, Mapping, Sequence, Tuple
@@ -117,8 +118,7 @@ def _random_scores(units, params, seed):
 def _gradient_scores(gm, units, params, task_losses, data, inputs, config) -> TaskScores:
     device = next(iter(params.values())).device
     names_in_gm = _gm_names(gm, params)
-    grad_acc = {u: {p: torch.zeros(params[p].shape, dtype=torch.float32, device=device) for p in d}
-                for u, d in units.items()}
+    grad_acc = {u: flat_scores({p: params[p].shape for p in d}, device) for u, d in units.items()}
     snip = config.criterion == "snip"
     batches = 0
     bar = tqdm(total=config.batch_limit, desc="importance", unit="batch",
@@ -173,6 +173,33 @@ def _gradient_scores(gm, units, params, task_losses, data, inputs, config) -> Ta
             for p in acc:
                 acc[p] *= params[p].detach().float().square()
     return TaskScores(grad_acc, units, batches)
+
+
+def flat_scores(shapes: Mapping[str, Sequence[int]], device) -> Dict[str, torch.Tensor]:
+    """Zero float32 scores, one per parameter, as views of ONE buffer in the given order,
+    so the decision reads a unit's whole domain without concatenating it (a copy of
+    every score) - see :func:`joined`."""
+    sizes = [math.prod(shape) for shape in shapes.values()]
+    buffer = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
+    return {p: part.view(tuple(shape)) for (p, shape), part in zip(shapes.items(), buffer.split(sizes))}
+
+
+def joined(parts: Mapping[str, torch.Tensor], dom: Sequence[str]) -> torch.Tensor:
+    """The scores of ``dom`` as one flat tensor: the shared buffer itself when the parts
+    are consecutive views of one (:func:`flat_scores`), else a concatenated copy."""
+    first = parts[dom[0]] if dom else None
+    base = getattr(first, "_base", None)
+    if base is not None and base.dim() == 1 and base.dtype == first.dtype and first.is_contiguous():
+        offset = 0
+        for p in dom:
+            x = parts[p]
+            if x._base is not base or not x.is_contiguous() or x.storage_offset() != offset:
+                break
+            offset += x.numel()
+        else:
+            if offset == base.numel() and base.storage_offset() == 0:
+                return base
+    return torch.cat([parts[p].reshape(-1) for p in dom])
 
 
 def _accumulate(p, current, grad_acc, snip):

@@ -129,3 +129,18 @@ def test_rank_descending_contract():
     assert rank[1] == 0 and rank[3] == 1
     assert sorted(rank[[0, 2, 4]].tolist()) == [2, 3, 4]
     assert torch.equal(rank, _rank_descending(s, seed=0))
+
+
+def test_scores_in_one_buffer_are_read_without_a_copy():
+    """Importance accumulates each unit's scores as views of one buffer; the decision
+    reads that buffer as is, and falls back to a copy for anything else."""
+    from disparse_fx.importance import flat_scores, joined
+
+    parts = flat_scores({"a": (2, 3), "b": (4,), "c": (1, 1, 5)}, "cpu")
+    for i, p in enumerate(parts.values()):
+        p.fill_(i + 1)
+    assert joined(parts, ["a", "b", "c"]) is parts["a"]._base
+    assert joined(parts, ["b", "a", "c"]).tolist() == [2.0] * 4 + [1.0] * 6 + [3.0] * 5  # other order: a copy
+    assert joined(parts, ["a", "b"]).tolist() == [1.0] * 6 + [2.0] * 4  # part of the buffer: a copy
+    loose = {"a": torch.ones(2, 3), "b": torch.zeros(4)}
+    assert joined(loose, ["a", "b"]).tolist() == [1.0] * 6 + [0.0] * 4
