@@ -16,7 +16,7 @@ from disparse_fx.passes.insert_masks import fold_masks, insert_masks, masked_par
 from disparse_fx.passes.slim import channels_emptied_by, slim_channels
 from disparse_fx.passes.ownership import analyze_ownership
 from disparse_fx.passes.prunable import default_prunable_params, unpruned_weights
-from disparse_fx.passes.trace import trace_model
+from disparse_fx.passes.capture import CAPTURES, capture_model
 
 from .budget import budget_model, budget_report
 from .channel_decision import decide_channels
@@ -46,6 +46,7 @@ def compress(
     inputs: Optional[Callable[[Any], Any]] = None,
     leaf_modules: Sequence[type] = (),
     concrete_args: Optional[Dict[str, Any]] = None,
+    capture: str = "auto",
 ) -> CompressionResult:
     """Prune a multitask model with DiSparse and return the masked GraphModule and plan.
 
@@ -56,7 +57,10 @@ def compress(
     ``inputs(batch)``: the model's positional input(s), a tuple for several (default:
     batch[0] for tuples/lists, batch["input"] for dicts, else the batch).
     ``leaf_modules`` / ``concrete_args``: passed to the tracer for models torch.fx
-    cannot trace through.
+    cannot trace through. ``capture``: how the model becomes a graph - ``"fx"``
+    (symbolic tracing), ``"export"`` (torch.export on the first batch's inputs: current
+    Hugging Face models, code symbolic tracing cannot follow; batch and sequence dims
+    stay dynamic) or ``"auto"`` (default: tracing, and torch.export only if tracing fails).
 
     ``model`` is never mutated: its parameters, buffers, train/eval modes and
     requires_grad flags are as before the call, also when an error is raised.
@@ -69,6 +73,8 @@ def compress(
         raise DisparseValueError(f"model must be a torch.nn.Module or fx.GraphModule, got {type(model).__name__}")
     if inputs is not None and not callable(inputs):
         raise DisparseValueError(f"inputs must be a callable batch -> model input(s), got {type(inputs).__name__}")
+    if capture not in CAPTURES:
+        raise DisparseValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
 
     check_data(data)
     check_loss_functions(task_losses)
@@ -76,7 +82,10 @@ def compress(
 
     timings: Dict[str, float] = {}  # seconds per phase (Plan.timings)
     tick = time.perf_counter()
-    gm = trace_model(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    given_inputs, inputs = inputs, inputs or default_inputs
+    first, data = _peek(data)
+    gm = capture_model(model, _capture_example(model, inputs, first, capture), capture=capture,
+                       leaf_modules=leaf_modules, concrete_args=concrete_args)
     check_outputs(gm, task_losses, config.needs_data)
     tick = _lap(timings, "trace", tick)
     ownership = analyze_ownership(gm, reference=model)
@@ -85,8 +94,6 @@ def compress(
     prunable = _select_prunable(gm, model, ownership.owners, config)
     unpruned = _report_unpruned(gm, model, prunable, ownership.owners, config) if config.filter_fn is None else {}
     tick = _lap(timings, "ownership", tick)
-    given_inputs, inputs = inputs, inputs or default_inputs
-    first, data = _peek(data)
     example = None if first is None else check_example(gm, model, model_inputs(inputs, first, 0),
                                                        trial=config.granularity == "channel")
     groups = None
@@ -202,6 +209,21 @@ def slim(result: CompressionResult, example_inputs=None) -> fx.GraphModule:
     # the model's mask buffers are the truth (dynamic sparse training moves them after compress)
     masks = {p: m != 0 for p, m in masked_params(result.model).items()}
     return slim_channels(folded, groups, channels_emptied_by(groups, masks))
+
+
+def _capture_example(model: nn.Module, inputs, first, capture: str):
+    """The first batch's inputs on the model's device, for torch.export (None for
+    ``capture="fx"``, for no data, and for ``"auto"`` when ``inputs`` rejects the batch:
+    the checks after capture name that)."""
+    if capture == "fx" or first is None or isinstance(model, fx.GraphModule):
+        return None
+    try:
+        example = model_inputs(inputs, first, 0)
+    except InputError:
+        if capture == "export":
+            raise
+        return None
+    return check_example(model, model, example, trial=False)
 
 
 def _lap(timings: Dict[str, float], phase: str, since: float) -> float:

@@ -89,7 +89,7 @@ import torch.nn as nn
 from .attention import MultiheadAttention, mha_sizes
 from .channel_groups import ChannelGroups
 from .errors import DisparseValueError
-from .rules import SlimContext, lookup_channel_rule, register_channel_rule
+from .rules import SlimContext, lookup_channel_rule, op_name, register_channel_rule
 from .rules.elementwise import elementwise
 from .rules.norm import masked_layer_norm_rule, masked_rms_norm_rule
 from .rules.rnn import is_masked_rnn, unmasked_rnn
@@ -297,7 +297,7 @@ def _is_rms(m: nn.Module) -> bool:
 
 
 def _is_rms_fn(fn) -> bool:
-    return getattr(fn, "__name__", "") == "rms_norm"
+    return op_name(fn) == "rms_norm"
 
 
 def mask_plan(groups: ChannelGroups, flat: torch.Tensor) -> Dict[Tuple[str, int], torch.Tensor]:

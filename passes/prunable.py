@@ -54,6 +54,13 @@ FUNCTIONAL_WEIGHT_OPS: Dict[object, Tuple[int, ...]] = {
     torch.conv1d: (1,), torch.conv2d: (1,), torch.conv3d: (1,),
     torch.matmul: (1,), torch.mm: (1,), torch.bmm: (1,),
 }
+# the ATen ops of a graph captured by torch.export (passes.capture): addmm(bias, x, weight)
+_ATEN = torch.ops.aten
+FUNCTIONAL_WEIGHT_OPS.update({_ATEN.linear.default: (1,), _ATEN.addmm.default: (2,), _ATEN.matmul.default: (1,),
+                              _ATEN.mm.default: (1,), _ATEN.bmm.default: (1,)})
+for _packet in ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
+    _op = getattr(_ATEN, _packet)
+    FUNCTIONAL_WEIGHT_OPS.update({getattr(_op, o): (1,) for o in _op.overloads()})
 # Swin's window attention: (input, qkv_weight, proj_weight, ...)
 _WINDOW_ATTENTION_WEIGHTS = ("qkv_weight", "proj_weight")
 

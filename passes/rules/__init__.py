@@ -78,8 +78,10 @@ from __future__ import annotations
 # The registry itself lives in .registry (rule modules import it from there, so they never
 # import this package's __init__ back); these names are its public face.
 from .registry import (_RULES, ChannelRule, Labels, SlimContext, _first, describe,  # noqa: F401
-                       lookup_channel_rule, register_channel_rule, registered_targets, torch_attr)
+                       lookup_channel_rule, op_name, register_channel_rule, registered_targets,
+                       torch_attr)
 from .registry import __all__  # noqa: F401 - the package's public names are the registry's
 
 # Built-in rules register themselves on import.
 from . import attention, conv, elementwise, embedding, norm, pooling, rnn, shape, torchvision_ops  # noqa: E402,F401
+from . import aten  # noqa: E402,F401 - after the rules it reuses

@@ -46,29 +46,33 @@ import torch.nn.functional as F
 from ..attention import MultiheadAttention as Slimmable
 from ..attention import mha_sizes
 from ..errors import UnsupportedOpError
-from .registry import Labels, register_channel_rule, torch_attr
+from .registry import Labels, op_name, register_channel_rule, torch_attr
 from ._types import TensorInfo
 from .conv import product_labels
 
 __all__ = ["find_head_splits", "replace_submodule"]
 
 _SDPA = F.scaled_dot_product_attention
+_ATEN_SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _EINSUM = (torch.einsum, torch_attr("functional.einsum"))
-_PRODUCTS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "__matmul__", *_EINSUM}
+_PRODUCTS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "__matmul__", *_EINSUM,
+             torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
 # ops a q, k or v goes through between its head split and the attention product:
 # shape ops, scaling, rotary embeddings (x * cos + cat(-x2, x1) * sin), per-head norms
 # (qk-norm), dropout
 _PER_HEAD = {"permute", "transpose", "contiguous", "getitem", "unbind", "chunk", "split", "mul",
              "truediv", "div", "float", "to", "clone", "normalize", "view", "reshape", "unflatten",
              "squeeze", "unsqueeze", "flatten", "type_as", "half", "bfloat16", "swapaxes", "movedim",
-             "add", "sub", "neg", "cat", "concat", "layer_norm", "rms_norm", "dropout"}
+             "add", "sub", "neg", "cat", "concat", "layer_norm", "rms_norm", "dropout",
+             # the same at the ATen level (torch.export): x[..., :d] is a slice, .float() a copy,
+             # a grouped-query k/v repeat an expand
+             "slice", "_to_copy", "alias", "_unsafe_view", "expand"}
 _PER_HEAD_MODULES = (nn.LayerNorm, nn.RMSNorm, nn.Dropout, nn.Identity)
-_RESHAPES = {"view", "reshape", "unflatten"}
+_RESHAPES = {"view", "reshape", "unflatten", "_unsafe_view"}
 
 
 def _op_name(node: fx.Node) -> str:
-    t = node.target
-    return t if isinstance(t, str) else getattr(t, "__name__", "")
+    return op_name(node.target)
 
 
 def _is_size_access(node: fx.Node) -> bool:
@@ -101,7 +105,7 @@ def find_head_splits(gm: fx.GraphModule) -> FrozenSet[str]:
     for n in gm.graph.nodes:
         if n.op != "call_function" and n.op != "call_method":
             continue
-        if n.target is _SDPA:
+        if n.target is _SDPA or n.target is _ATEN_SDPA:
             starts.extend(a for a in n.args[:3] if isinstance(a, fx.Node))
             starts.extend(n.kwargs[k] for k in ("query", "key", "value") if isinstance(n.kwargs.get(k), fx.Node))
         elif n.target in _PRODUCTS:

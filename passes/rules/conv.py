@@ -128,6 +128,12 @@ _FUNCTIONAL_CONVS = {f: False for f in (F.conv1d, F.conv2d, F.conv3d, torch.conv
 _FUNCTIONAL_CONVS.update({f: True for f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
                                               torch.conv_transpose1d, torch.conv_transpose2d,
                                               torch.conv_transpose3d)})
+# the ATen ops of an exported graph take the same arguments in the same places
+_ATEN = torch.ops.aten
+for _n in (1, 2, 3):
+    for _packet, _transposed in ((f"conv{_n}d", False), (f"conv_transpose{_n}d", True)):
+        _op = getattr(_ATEN, _packet)
+        _FUNCTIONAL_CONVS.update({getattr(_op, o): _transposed for o in _op.overloads()})
 _GROUPS_POS = {False: 6, True: 6}  # conv(x, w, b, stride, padding, dilation, groups); convT(.., output_padding, groups)
 
 
@@ -201,7 +207,7 @@ def _linear_slim(sctx):
     m.out_features = m.weight.shape[0]
 
 
-@register_channel_rule(F.linear, torch_attr("_C._nn.linear"))
+@register_channel_rule(F.linear, torch_attr("_C._nn.linear"), _ATEN.linear.default)
 def _linear_function(ctx):
     x, w = ctx.arg(0, "input"), ctx.arg(1, "weight")
     b = ctx.arg(2, "bias", None)
@@ -210,8 +216,18 @@ def _linear_function(ctx):
                             ctx.weight_name(w, 1))
 
 
+@register_channel_rule(torch.addmm, _ATEN.addmm.default)
+def _addmm(ctx):
+    """addmm(bias, x, w) = bias + x @ w with w (Fin, Fout): a linear layer with its weight
+    transposed (Hugging Face's Conv1D)."""
+    b, x, w = ctx.arg(0, "input"), ctx.arg(1, "mat1"), ctx.arg(2, "mat2")
+    return _linear_channels(ctx, x, lambda d: ctx.labels(w, 1 - d),
+                            lambda: ctx.labels(b, -1) if isinstance(b, TensorInfo) else None,
+                            ctx.weight_name(w, 0))
+
+
 @register_channel_rule(operator.matmul, torch.matmul, torch.mm, torch.bmm, "matmul", "mm", "bmm",
-                       "__matmul__")
+                       "__matmul__", _ATEN.matmul.default, _ATEN.mm.default, _ATEN.bmm.default)
 def _matmul(ctx):
     """a @ b: the contracted dims of a and b share atoms; batch dims broadcast."""
     a, b = ctx.arg(0, "input"), ctx.arg(1, "other" if ctx.node.op != "call_method" else "mat2")

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import Labels, _first, register_channel_rule, torch_attr
+from .registry import Labels, _first, op_name, register_channel_rule, torch_attr
 from ._types import TensorInfo
 
 
@@ -197,8 +197,7 @@ def _max_min(ctx):
     if isinstance(other, TensorInfo):
         from .elementwise import elementwise
         return elementwise(ctx)
-    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
-    return _reduce(ctx, name)
+    return _reduce(ctx, op_name(ctx.node.target))
 
 
 # --------------------------------------------------------------------------- softmax

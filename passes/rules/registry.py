@@ -26,6 +26,7 @@ __all__ = [
     "registered_targets",
     "describe",
     "torch_attr",
+    "op_name",
 ]
 
 Rule = Callable[[Any], Any]
@@ -94,7 +95,19 @@ def registered_targets() -> Tuple[Any, ...]:
     return tuple(_RULES)
 
 
+def op_name(target: Any) -> str:
+    """The bare name of an op: a method name as is, ``relu`` for ``torch.relu`` and for
+    ``torch.ops.aten.relu.default`` (an ATen overload: its packet's name)."""
+    if isinstance(target, str):
+        return target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._opname
+    return getattr(target, "__name__", "")
+
+
 def _target_repr(node: fx.Node, gm: fx.GraphModule) -> str:
+    if isinstance(node.target, torch._ops.OpOverload):
+        return f"torch.ops.{node.target.namespace}.{node.target._opname}.{node.target._overloadname}"
     if node.op == "call_module":
         t = type(gm.get_submodule(node.target))
         return f"{t.__module__}.{t.__qualname__}"

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UnsupportedOpError
-from .registry import Labels, register_channel_rule, torch_attr
+from .registry import Labels, op_name, register_channel_rule, torch_attr
 from ._types import Const, TensorInfo
 
 
@@ -258,10 +258,9 @@ register_channel_rule(torch.unflatten, "unflatten", nn.Unflatten, slim=_unflatte
 
 
 def _permutation(ctx) -> List[int]:
-    target = ctx.node.target
     x = ctx.arg(0, "input")
     nd = x.ndim
-    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    name = op_name(ctx.node.target)
     if name == "permute":
         dims = _sizes_arg(ctx, 1, "dims")
         return [d % nd for d in dims]
@@ -482,8 +481,10 @@ def _split_slim(sctx):
         for n in pieces:
             new.append(int(kept[start:start + n].sum()))
             start += n
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    if target in ("chunk", "tensor_split"):
+    target = op_name(node.target)
+    if isinstance(node.target, torch._ops.OpOverload):  # aten split.Tensor / chunk take no sizes list
+        node.target = torch.ops.aten.split_with_sizes.default
+    elif target in ("chunk", "tensor_split"):
         if node.op == "call_method":
             node.target = "split"
         else:
