@@ -405,8 +405,12 @@ class _RankCounter:
     def __init__(self, parts: Mapping[str, torch.Tensor], dom: Sequence[str], starts: Mapping[str, int], seed: int):
         self.seed = seed
         self.bits = joined(parts, dom).view(torch.int32)
-        self.hist = torch.bincount(self.bits >> _BUCKET_SHIFT, minlength=(1 << (31 - _BUCKET_SHIFT)) + 1)
-        self.higher = self.hist.flip(0).cumsum(0).flip(0) - self.hist  # elements in strictly higher buckets
+        hist = torch.bincount(self.bits >> _BUCKET_SHIFT, minlength=(1 << (31 - _BUCKET_SHIFT)) + 1)
+        # int32 counts when they fit: 32 MiB a table, held per unit until the extras are chosen
+        count_type = torch.int32 if len(self.bits) < 1 << 31 else torch.int64
+        self.higher = (hist.flip(0).cumsum(0).flip(0) - hist).to(count_type)  # elements in higher buckets
+        self.hist = hist.to(count_type)
+        del hist
         sizes = torch.tensor([parts[p].numel() for p in dom], device=self.bits.device)
         self.d_starts = torch.cumsum(sizes, 0) - sizes
         self.to_flat = torch.tensor([starts[p] for p in dom], device=self.bits.device) - self.d_starts
@@ -414,7 +418,7 @@ class _RankCounter:
     def bounds(self, qkeys: torch.Tensor):
         """(lowest, highest) possible rank of each query."""
         b = qkeys >> (_BUCKET_SHIFT + 32)
-        return self.higher[b], self.higher[b] + self.hist[b] - 1
+        return self.higher[b].long(), self.higher[b].long() + self.hist[b] - 1
 
     def exact(self, qkeys: torch.Tensor) -> torch.Tensor:
         shift = _BUCKET_SHIFT + 32
@@ -427,7 +431,7 @@ class _RankCounter:
         # near keys greater than q, less those in buckets above q's (counted in `higher`)
         greater = torch.searchsorted(near_sorted, (qbucket + 1) << shift) - torch.searchsorted(
             near_sorted, qkeys, right=True)
-        return self.higher[qbucket] + greater
+        return self.higher[qbucket].long() + greater
 
 
 def _rank_descending(s: torch.Tensor, seed: int) -> torch.Tensor:
