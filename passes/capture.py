@@ -45,6 +45,8 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from .errors import DisparseValueError, TraceError
+from .rules import register_channel_rule
+from .rules.aten import along_dim as _along_dim
 from .trace import task_output_nodes, trace_model
 
 __all__ = ["capture_model", "export_model", "CAPTURES"]
@@ -158,6 +160,8 @@ def _plain(gm: fx.GraphModule, model: nn.Module, n_inputs: int) -> fx.GraphModul
             n.op, n.target = "call_method", _SIZED_METHODS[n.target]  # x.view(sizes): likewise
         elif n.op == "call_function" and n.target is _aten.slice.Tensor:
             _slice_to_getitem(n)
+        elif n.op == "call_function" and n.target in _ONNX_SPELLINGS:
+            n.target = _ONNX_SPELLINGS[n.target]  # packed-sequence masks: see diff / cumsum
     graph.eliminate_dead_code()
     # a fresh GraphModule: ep.module()'s class refuses train() / eval()
     plain = fx.GraphModule(gm, graph, type(model).__name__)
@@ -180,6 +184,29 @@ _FACTORIES = {_aten.arange.default: torch.arange, _aten.arange.start: torch.aran
 _SIZED_METHODS = {_aten.view.default: "view", _aten.reshape.default: "reshape", _aten._unsafe_view.default: "reshape",
                   _aten.expand.default: "expand", _aten.repeat.default: "repeat"}
 DROPOUT_MODULE = "export_dropout"
+
+
+def diff(x: torch.Tensor, n: int = 1, dim: int = -1, prepend: Optional[torch.Tensor] = None,
+         append: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``torch.diff`` written with cat, narrow and sub (ops the ONNX exporter has)."""
+    parts = [t for t in (prepend, x, append) if t is not None]
+    x = torch.cat(parts, dim) if len(parts) > 1 else x
+    for _ in range(n):
+        x = x.narrow(dim, 1, x.size(dim) - 1) - x.narrow(dim, 0, x.size(dim) - 1)
+    return x
+
+
+def cumsum(x: torch.Tensor, dim: int, *, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``torch.cumsum`` with a bool or integer input summed as int64 explicitly (what
+    torch does implicitly; the ONNX exporter would emit a CumSum of bools)."""
+    if dtype is None and not x.is_floating_point() and not x.is_complex():
+        x = x.to(torch.int64)
+    return torch.cumsum(x, dim, dtype=dtype)
+
+
+_ONNX_SPELLINGS = {_aten.diff.default: diff, _aten.cumsum.default: cumsum}
+register_channel_rule(diff)(_along_dim)  # in case a channel reaches them: pinned along dim
+register_channel_rule(cumsum)(_along_dim)
 
 
 def _slice_to_getitem(n: fx.Node) -> None:

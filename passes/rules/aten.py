@@ -8,7 +8,7 @@ that differ have their own rule here:
 
     aten.embedding(weight, ids)            # the table first: F.embedding(ids, weight)
     aten.index_select(x, dim, idx) / aten.index.Tensor(x, [None, idx])   # a gather: pinned
-    aten.triu / aten.tril / aten.cumsum    # positional along their dims: pinned there
+    aten.triu / aten.tril / aten.cumsum / aten.diff   # positional along their dims: pinned there
 
 Capture turns the ATen ops that take sizes into the calls symbolic tracing records
 (``x.view(sizes)``, ``x.size(d)``, ``x[:, a:b]``, ``torch.arange(n)``: the ONNX exporter
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import attention, conv, elementwise, norm, pooling, shape
-from .registry import Labels, register_channel_rule
+from .registry import Labels, op_name, register_channel_rule
 from ._types import TensorInfo
 
 aten = torch.ops.aten
@@ -155,8 +155,11 @@ def _triangle(ctx):
     return ctx.same_as(x)
 
 
-@register_channel_rule(*_ops("cumsum", "cumprod"))
-def _cumulative(ctx):
+@register_channel_rule(*_ops("cumsum", "cumprod", "diff"))
+def along_dim(ctx):
+    """cumsum / cumprod / diff(x, dim): each element reads its neighbours along ``dim``
+    (pinned there); the other dims pass through."""
     x = ctx.arg(0, "input")
-    ctx.mix(x, ctx.value(1, "dim"), "accumulated along")
-    return ctx.same_as(x)
+    d = x.dim(ctx.value(2, "dim", -1) if op_name(ctx.node.target) == "diff" else ctx.value(1, "dim"))
+    ctx.mix(x, d, "accumulated along")
+    return shape._sliced(x, d, 0, 0, None)  # every dim but d (whose length diff may change)
