@@ -40,6 +40,28 @@ __all__ = ["export_onnx", "ExportReport", "ExportError", "ExportMismatchError", 
 log = logging.getLogger(__name__)
 
 
+def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
+    """ONNX for ``aten::rms_norm`` below opset 23 (which has RMSNormalization):
+    ``x / sqrt(mean(x * x over the normalised dims) + eps) * weight``."""
+    from torch.onnx import symbolic_helper as sh
+
+    dims = sh._get_const(normalized_shape, "is", "normalized_shape")
+    eps = None if sh._is_none(eps) else sh._get_const(eps, "f", "eps")
+    if eps is None:
+        eps = torch.finfo(torch.float32).eps
+    axes = list(range(-len(dims), 0))
+    mean_square = g.op("ReduceMean", g.op("Mul", x, x), axes_i=axes, keepdims_i=1)
+    eps = g.op("CastLike", g.op("Constant", value_t=torch.tensor(eps, dtype=torch.float32)), x)
+    y = g.op("Div", x, g.op("Sqrt", g.op("Add", mean_square, eps)))
+    return y if sh._is_none(weight) else g.op("Mul", y, weight)
+
+
+# F.rms_norm / nn.RMSNorm (and hand-written RMSNorms, which torch.export capture turns
+# into F.rms_norm); opsets 17 and below reduce with an axes attribute
+for _opset in range(15, 18):
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, _opset)
+
+
 class ExportError(DisparseError):
     """The model could not be written to ONNX, or onnxruntime could not load the file."""
 

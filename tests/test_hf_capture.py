@@ -177,3 +177,32 @@ def test_capture_fx_is_the_tracer_and_auto_keeps_it():
     assert set(exported.plan.prunable) == set(auto.plan.prunable) == {"a.weight", "b.weight"}
     with pytest.raises(ValueError, match="capture must be one of"):
         dfx.compress(Net(), losses, data, cfg, capture="dynamo")
+
+
+def test_llama_rms_norm_keeps_the_residual_width_removable():
+    """Llama's RMSNorm is written out (x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)):
+    capture reads it as F.rms_norm, so the residual width is one removable group (a mean
+    over the channels would pin it) and the graph still computes the model."""
+    from disparse_fx.passes.channel_groups import find_channel_groups
+
+    model = _llama().eval()
+    x = _inputs("tokens", 2, 8)
+    gm = export_model(model, (x,))
+    assert sum(n.target is F.rms_norm for n in gm.graph.nodes) == 5  # 2 per layer + the final norm
+    with torch.no_grad():
+        assert torch.allclose(gm(x)["tok"], model(x)["tok"], atol=1e-5)
+    groups = find_channel_groups(gm, (x,))
+    residual = [g for g in groups.groups if "trunk.layers.0.input_layernorm.weight" in g.params]
+    assert len(residual) == 1 and residual[0].removable and residual[0].size == 64
+    assert "trunk.embed_tokens.weight" in residual[0].params
+
+
+def test_readme_hugging_face_example_runs(capsys):
+    import pathlib
+    import re
+
+    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+    code = re.search(r"## Hugging Face models\s+.*?```python\n(.*?)```", readme.read_text(), re.S).group(1)
+    exec(compile(code, str(readme), "exec"), {"__name__": "readme"})
+    out = capsys.readouterr().out
+    assert "parameters, from" in out and "torch.Size([3, 24, 5])" in out
