@@ -50,6 +50,15 @@ __all__ = ["FlopCount", "FlopTerm", "count_flops", "flop_terms", "shape_propagat
 _CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
 _CONVT_FUNCS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 _MATMUL_FUNCS = {torch.matmul, torch.mm, torch.bmm, operator.matmul}
+# the same ops in a graph captured by torch.export (passes.capture): ATen overloads
+_aten = torch.ops.aten
+for _n in (1, 2, 3):
+    for _funcs, _packet in ((_CONV_FUNCS, getattr(_aten, f"conv{_n}d")),
+                            (_CONVT_FUNCS, getattr(_aten, f"conv_transpose{_n}d"))):
+        _funcs.update(getattr(_packet, o) for o in _packet.overloads())
+_MATMUL_FUNCS.update({_aten.matmul.default, _aten.mm.default, _aten.bmm.default})
+_LINEAR_FUNCS = {F.linear, _aten.linear.default}
+_SDPA_FUNCS = {F.scaled_dot_product_attention, _aten.scaled_dot_product_attention.default}
 
 
 @dataclass(frozen=True)
@@ -172,14 +181,18 @@ def _flop_terms(gm: fx.GraphModule, node: fx.Node) -> Tuple[Tuple[FlopTerm, ...]
         w = node.args[1]
         ws = _shape(w)
         return ((FlopTerm(2 * _numel(node.args[0]) * math.prod(ws[1:]), (out, reads)),), w) if ws else ((), None)
-    if node.target is F.linear:
+    if node.target in _LINEAR_FUNCS:
         w = node.args[1]
         ws = _shape(w)
         return ((FlopTerm(2 * _numel(node) * ws[-1], (out, reads)),), w) if ws else ((), None)
+    if node.target is _aten.addmm.default:  # addmm(bias, x, w): w (Fin, Fout)
+        w = node.args[2]
+        ws = _shape(w)
+        return ((FlopTerm(2 * _numel(node) * ws[0], (out, reads)),), w) if ws else ((), None)
     if node.target in _MATMUL_FUNCS:
         a = _shape(node.args[0])
         return ((FlopTerm(2 * _numel(node) * a[-1], (out, reads)),), None) if a else ((), None)
-    if node.target is F.scaled_dot_product_attention:
+    if node.target in _SDPA_FUNCS:
         q, k, v = (_shape(a) for a in node.args[:3])
         if not (q and k and v):
             return (), None

@@ -206,3 +206,20 @@ def test_readme_hugging_face_example_runs(capsys):
     exec(compile(code, str(readme), "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out
     assert "parameters, from" in out and "torch.Size([3, 24, 5])" in out
+
+
+def test_flops_budget_on_an_exported_gpt2():
+    """FLOPs of ATen graphs (linear, addmm, sdpa) are counted: a 50% FLOPs budget halves
+    the exported GPT-2's counted FLOPs after slimming."""
+    from disparse_fx.passes.flops import count_flops
+
+    torch.manual_seed(0)
+    model = _gpt2().eval()
+    data = _data("tokens")
+    x = data[0]["input"]
+    dense = count_flops(export_model(model, (x,)), (x,)).total
+    assert dense > 2 * 2 * 16 * 64 * 64 * 4 * 2  # at least the attention projections of 2 layers x 16 tokens
+    cfg = dfx.CompressConfig(sparsity=0.5, granularity="channel", criterion="taylor", num_batches=2,
+                             progress=False, budget="flops")
+    slim = dfx.slim(dfx.compress(model, LOSSES, data, cfg))
+    assert abs(count_flops(slim, (x,)).total / dense - 0.5) < 0.03
