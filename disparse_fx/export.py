@@ -96,12 +96,16 @@ def export_onnx(
     *,
     opset: Optional[int] = None,
     dynamic_batch: bool = True,
+    dynamic_sequence: bool = False,
     rtol: float = 1e-4,
 ) -> ExportReport:
     """Export ``model`` (its forward returns {task: Tensor} or a tuple/list) and verify it.
 
     ``example_inputs``: a Tensor or a tuple of Tensors (the model's positional inputs,
     batch first). The model is exported in eval mode (its own mode is restored).
+    ``dynamic_sequence``: token inputs (integer tensors of 2 or more dims) also get a
+    dynamic axis 1 ("sequence"), checked in onnxruntime at a second length too (the
+    slim model of a Hugging Face trunk captured with torch.export follows any length).
     """
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
@@ -127,6 +131,11 @@ def export_onnx(
         dynamic_axes = None
         if dynamic_batch:
             dynamic_axes = {n: {0: "batch"} for n in input_names + output_names}
+        if dynamic_sequence:
+            dynamic_axes = dynamic_axes or {}
+            for n, a in zip(input_names, args):
+                if _is_tokens(a):
+                    dynamic_axes.setdefault(n, {})[1] = "sequence"
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
             # the exporter restores its module's mode recursively afterwards: the wrapper
@@ -146,6 +155,11 @@ def export_onnx(
         if dynamic_batch:
             batch_sizes.append(args[0].shape[0] * 2)
         diffs, scales = verify_onnx(model, path, args, tasks, batch_sizes=batch_sizes, rtol=rtol)
+        if dynamic_sequence and any(_is_tokens(a) for a in args):
+            longer = tuple(_resize_sequence(a, 2 * a.shape[1] + 1) if _is_tokens(a) else a for a in args)
+            more = verify_onnx(model, path, longer, tasks, batch_sizes=batch_sizes[:1], rtol=rtol)
+            diffs = {k: max(v, more[0][k]) for k, v in diffs.items()}
+            scales = {k: max(v, more[1][k]) for k, v in scales.items()}
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, training in modes:  # each submodule's own flag (a frozen BatchNorm stays in eval)
@@ -265,6 +279,17 @@ def _as_list(out, tasks):
     if isinstance(out, torch.Tensor):
         return [out]
     return list(out)
+
+
+def _is_tokens(a: torch.Tensor) -> bool:
+    """Token ids: an integer tensor (batch, sequence, ...)."""
+    return a.dim() >= 2 and not a.is_floating_point() and not a.is_complex() and a.dtype != torch.bool
+
+
+def _resize_sequence(a: torch.Tensor, length: int) -> torch.Tensor:
+    """The example tokens repeated or cut to ``length`` along dim 1 (a second length to check)."""
+    reps = -(-length // a.shape[1])
+    return torch.cat([a] * reps, 1)[:, :length]
 
 
 def _resize_batch(a: torch.Tensor, bs: int) -> torch.Tensor:
