@@ -242,6 +242,10 @@ def _registry() -> Tuple[Dict[str, Callable], Dict[int, str]]:
     add("disparse_fx.passes.insert_channel_masks.masked_layer_norm", masked_layer_norm)
     add("disparse_fx.passes.insert_channel_masks.masked_rms_norm", masked_rms_norm)
     add("disparse_fx.passes.attention.shifted_window_attention", attention.shifted_window_attention)
+    from disparse_fx.passes import capture
+
+    add("disparse_fx.passes.capture.diff", capture.diff)
+    add("disparse_fx.passes.capture.cumsum", capture.cumsum)
     try:  # torchvision's Swin functions (fx-wrapped, so they appear in graphs)
         from torchvision.models import swin_transformer as swin
 
@@ -267,6 +271,30 @@ def _registry() -> Tuple[Dict[str, Callable], Dict[int, str]]:
         by_id[id(fn)] = name
     _REGISTRY = (by_name, by_id)
     return _REGISTRY
+
+
+def _aten_name(fn: Any) -> Optional[str]:
+    """``torch.ops.aten.<op>.<overload>`` for an ATen overload (the ops of a graph captured
+    by torch.export), else None."""
+    if isinstance(fn, torch._ops.OpOverload) and fn.namespace == "aten":
+        return f"torch.ops.aten.{fn._opname}.{fn._overloadname}"
+    return None
+
+
+def _callable(name: Any, by_name: Mapping[str, Callable]) -> Optional[Callable]:
+    """The allowed callable of a saved name: the allow-list's, or an ATen overload named
+    ``torch.ops.aten.<op>.<overload>`` (torch ops, like the ``torch.*`` builtins)."""
+    fn = by_name.get(name)
+    if fn is not None or not isinstance(name, str):
+        return fn
+    parts = name.split(".")
+    if len(parts) != 5 or parts[:3] != ["torch", "ops", "aten"] or not all(p.isidentifier() for p in parts[3:]):
+        return None
+    packet = getattr(torch.ops.aten, parts[3], None)
+    if not isinstance(packet, torch._ops.OpOverloadPacket) or parts[4] not in packet.overloads():
+        return None
+    op = getattr(packet, parts[4])
+    return op if _aten_name(op) == name else None
 
 
 def _module_class(name: str) -> Optional[type]:
@@ -510,8 +538,8 @@ def _encode_graph_module(gm: fx.GraphModule, tensors: Dict[str, torch.Tensor]) -
     for n in gm.graph.nodes:
         where = f"graph node '{n.name}' ({n.op} {_target_str(n)})"
         if n.op == "call_function":
-            name = by_id.get(id(n.target))
-            if name is None or by_name.get(name) is not n.target:
+            name = by_id.get(id(n.target)) or _aten_name(n.target)
+            if name is None or _callable(name, by_name) is not n.target:
                 raise UnserializableError(
                     f"{where}: its target {_qualname(n.target)} is not in save()'s allow-list of callables "
                     f"(torch ops, torch.nn.functional, operator, math, safe builtins); if it is pure, allow it "
@@ -750,7 +778,7 @@ def _decode_graph(nodes: List[Mapping[str, Any]], gm: fx.GraphModule,
         op, name, target = spec["op"], spec["name"], spec["target"]
         where = f"graph node '{name}' ({op} {target})"
         if op == "call_function":
-            fn = by_name.get(_current_name(target))
+            fn = _callable(_current_name(target), by_name)
             if fn is None:
                 raise DisallowedCallableError(
                     f"{where} calls {target!r}, which is not in load()'s allow-list of callables (torch ops, "

@@ -75,6 +75,26 @@ def _roberta():
     return TwoTasks(transformers.RobertaModel(cfg), 64)
 
 
+def _mistral():  # GQA and a sliding-window mask
+    cfg = transformers.MistralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                     intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=64,
+                                     sliding_window=8, use_cache=False)
+    return TwoTasks(transformers.MistralModel(cfg), 64)
+
+
+def _gemma():  # one k/v head (multi-query), RMSNorm scaled by 1 + weight, GeGLU
+    cfg = transformers.GemmaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                   head_dim=16, intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=64,
+                                   use_cache=False)
+    return TwoTasks(transformers.GemmaModel(cfg), 64)
+
+
+def _albert():  # one layer's weights shared by every layer, a factorised embedding
+    cfg = transformers.AlbertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=128, vocab_size=VOCAB, embedding_size=32)
+    return TwoTasks(transformers.AlbertModel(cfg), 64)
+
+
 # name: (model factory, input kind, long); the quick subset runs in `make test`, the long ones
 # under `make test-all`
 ARCHS = {
@@ -85,6 +105,9 @@ ARCHS = {
     "qwen2": (_qwen2, "tokens", True),
     "distilbert": (_distilbert, "tokens", True),
     "roberta": (_roberta, "tokens", True),
+    "mistral": (_mistral, "tokens", True),
+    "gemma": (_gemma, "tokens", True),
+    "albert": (_albert, "tokens", True),
 }
 
 
@@ -137,6 +160,9 @@ def test_compress_slim_onnx(arch, tmp_path):
     assert other["tok"].shape[0] == 3
     if kind == "tokens":
         assert other["tok"].shape[1] == 24
+    dfx.save(slim, tmp_path / f"{arch}.dfx")  # the ATen graph saves and loads (no pickled code)
+    with torch.no_grad():
+        assert torch.equal(dfx.load(tmp_path / f"{arch}.dfx").eval()(x)["tok"], compact["tok"])
     report = dfx.export_onnx(slim, x[:1], tmp_path / f"{arch}.onnx", dynamic_sequence=kind == "tokens")
     assert report.outputs == ("tok", "cls") and report.batch_sizes == (1, 2)
 
