@@ -170,6 +170,11 @@ def _plain(gm: fx.GraphModule, model: nn.Module, n_inputs: int) -> fx.GraphModul
     _share_tensors(plain, model)
     plain.train(model.training)
     plain.graph.lint()
+    frozen = [n.name for n in plain.graph.nodes if n.target is _aten.batch_norm.default]
+    if frozen:
+        log.warning("%s: %d BatchNorm layer(s) are captured as in eval mode (running statistics, not updated), "
+                    "also after .train() - e.g. node '%s'; fine-tune with frozen BatchNorm, or use capture='fx' "
+                    "when the model traces", type(model).__name__, len(frozen), frozen[0])
     return plain
 
 

@@ -249,3 +249,31 @@ def test_flops_budget_on_an_exported_gpt2():
                              progress=False, budget="flops")
     slim = dfx.slim(dfx.compress(model, LOSSES, data, cfg))
     assert abs(count_flops(slim, (x,)).total / dense - 0.5) < 0.03
+
+
+def test_export_of_a_cnn_with_batch_norm_and_pooling(caplog):
+    """capture='export' on a conv trunk: ATen conv, batch_norm (weight first), max_pool and
+    mean get their rules; channel compress slims with parity; BatchNorm is named as frozen."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+            self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+            self.seg, self.cls = nn.Conv2d(16, 4, 1), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = F.max_pool2d(self.bn1(self.conv1(x)).relu(), 2)
+            h = h + self.bn2(self.conv2(h)).relu()
+            return {"seg": self.seg(h), "cls": self.cls(h.mean((2, 3)))}
+
+    torch.manual_seed(0)
+    data = [{"input": torch.randn(4, 3, 16, 16), "seg": torch.randint(0, 4, (4, 8, 8)),
+             "cls": torch.randint(0, 3, (4,))} for _ in range(2)]
+    losses = {"seg": lambda p, b: F.cross_entropy(p, b["seg"]), "cls": lambda p, b: F.cross_entropy(p, b["cls"])}
+    model = Net().eval()
+    with caplog.at_level("WARNING"):
+        result = dfx.compress(model, losses, data, CONFIG, capture="export")
+    assert "BatchNorm layer(s) are captured as in eval mode" in caplog.text
+    slim = dfx.slim(result)
+    assert slim.get_parameter("conv1.weight").shape[0] < 16
+    assert slim.get_buffer("bn1.running_mean").shape == slim.get_parameter("conv1.weight").shape[:1]

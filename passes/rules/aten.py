@@ -61,6 +61,11 @@ register_channel_rule(*_ops("select.int"))(shape._select)
 register_channel_rule(*_ops("flatten.using_ints"))(shape._flatten)
 register_channel_rule(*_ops("unflatten.int"), slim=shape._unflatten_slim, handles_sizes=True)(shape._flatten)
 
+# max_pool2d(x, kernel, ...), adaptive_avg_pool2d(x, size), ...: spatial dims pooled, channels kept
+register_channel_rule(*_ops(*(f"{p}{k}d" for p in ("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool")
+                              for k in (1, 2, 3)),
+                            *(f"max_pool{k}d_with_indices" for k in (1, 2, 3))))(pooling._pool_function)
+
 # reductions: mean.dim(x, dims, keepdim), sum.dim_IntList(x, dims, keepdim, dtype=), ...
 for _name in ("mean", "sum", "amax", "amin", "std", "var", "prod", "logsumexp", "argmax", "argmin", "any", "all"):
     register_channel_rule(*_ops(_name, f"{_name}.dim", f"{_name}.dim_IntList", f"{_name}.correction"))(
@@ -97,6 +102,18 @@ register_channel_rule(*_ops("new_zeros", "new_ones", "new_empty", "new_full"))(e
 
 
 # ----------------------------------------------------------------------------- own arguments
+@register_channel_rule(*_ops("batch_norm", "instance_norm"))
+def _batch_norm(ctx):
+    """aten.batch_norm(x, weight, bias, running_mean, running_var, training, ...): every
+    per-channel tensor follows x's dim 1 (F.batch_norm takes the statistics first)."""
+    x = ctx.arg(0, "input")
+    per_channel = [ctx.arg(i, n, None) for i, n in ((1, "weight"), (2, "bias"), (3, "running_mean"),
+                                                     (4, "running_var"))]
+    norm._per_channel(ctx, x, 1 if x.ndim >= 2 else 0,
+                      [ctx.labels(t, 0) for t in per_channel if isinstance(t, TensorInfo)])
+    return ctx.same_as(x)
+
+
 @register_channel_rule(*_ops("embedding"))
 def _embedding(ctx):
     """aten.embedding(weight, ids, padding_idx, ...): the table's columns are the output's

@@ -36,7 +36,7 @@ def spatial(ctx, x: TensorInfo, n_spatial: int, what: str) -> Labels:
 
 
 def _n_spatial_from_name(obj) -> int:
-    name = getattr(obj, "__name__", None) or type(obj).__name__
+    name = op_name(obj) or type(obj).__name__
     for k in (1, 2, 3):
         if name.endswith(f"{k}d") or f"{k}d_" in name or name.endswith(f"{k}D"):
             return k
