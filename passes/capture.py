@@ -10,12 +10,21 @@ and falls back to torch.export only when tracing fails.
 An exported graph reads every parameter and buffer with ``get_attr`` under the user's
 qualified names (``bert.encoder.layer.0.attention.self.query.weight``) and computes with
 ATen ops (``torch.ops.aten.linear.default``, ``aten.layer_norm.default``,
-``aten.scaled_dot_product_attention.default``, ``aten.view.default``, ...), the default
+``aten.scaled_dot_product_attention.default``, ``aten.transpose.int``, ...), the default
 export IR without decompositions. :func:`export_model` turns ``ep.module()`` into a
 plain GraphModule like a traced one: positional inputs, the model's own output
 structure (a dict ``{task: node}`` or a tuple) on the output node, the export guards
 removed, and the model's own parameters and buffers (shared, as symbolic tracing
-shares them), so names and identities are the user's.
+shares them), so names and identities are the user's. It also rewrites:
+
+- ops that take sizes into what symbolic tracing records (``x.size(d)``, ``x.view(...)``,
+  ``x.expand(...)``, ``x[:, a:b]``, ``torch.arange(n)``), so slimming rewrites them with the
+  existing rules and the ONNX exporter follows batch and sequence length;
+- ``aten.dropout(x, p, False)`` of the (eval-mode) graph into ``nn.Dropout(p)`` modules,
+  so dropout follows ``train()`` / ``eval()`` (BatchNorm stays in eval mode: a warning
+  says so);
+- hand-written RMSNorms into ``F.rms_norm`` (the residual width stays removable);
+- ``diff`` / ``cumsum`` of packed-sequence masks into spellings ONNX has.
 
 >>> import torch, torch.nn as nn
 >>> class Tagger(nn.Module):
