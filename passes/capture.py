@@ -54,6 +54,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from .errors import DisparseValueError, TraceError
+from .fuse_rms_norms import fuse_rms_norms, fuse_rms_norms_
 from .rules import register_channel_rule
 from .rules.aten import along_dim as _along_dim
 from .trace import task_output_nodes, trace_model
@@ -77,17 +78,19 @@ def capture_model(
     """``model`` as a GraphModule, by symbolic tracing (``"fx"``), torch.export
     (``"export"``, needs ``example_inputs``) or tracing with a torch.export fallback
     (``"auto"``: torch.export runs only when tracing raises, and only with example
-    inputs). A GraphModule is returned as it is."""
+    inputs). Hand-written RMSNorms become ``F.rms_norm`` on every path
+    (:func:`passes.fuse_rms_norms.fuse_rms_norms`); a GraphModule without one is returned
+    as it is."""
     if capture not in CAPTURES:
         raise DisparseValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
     if isinstance(model, fx.GraphModule) or capture == "fx":
-        return trace_model(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        return fuse_rms_norms(trace_model(model, leaf_modules=leaf_modules, concrete_args=concrete_args))
     if capture == "export":
         if example_inputs is None:
             raise DisparseValueError("capture='export' needs example inputs (one batch of data); got none")
         return export_model(model, example_inputs)
     try:
-        return trace_model(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        return fuse_rms_norms(trace_model(model, leaf_modules=leaf_modules, concrete_args=concrete_args))
     except TraceError as traced:
         if example_inputs is None:
             raise
@@ -171,7 +174,7 @@ def _plain(gm: fx.GraphModule, model: nn.Module, n_inputs: int) -> fx.GraphModul
             _slice_to_getitem(n)
         elif n.op == "call_function" and n.target in _ONNX_SPELLINGS:
             n.target = _ONNX_SPELLINGS[n.target]  # packed-sequence masks: see diff / cumsum
-    _rms_norms(graph)
+    fuse_rms_norms_(graph)
     graph.eliminate_dead_code()
     # a fresh GraphModule: ep.module()'s class refuses train() / eval()
     plain = fx.GraphModule(gm, graph, type(model).__name__)
@@ -222,51 +225,6 @@ def cumsum(x: torch.Tensor, dim: int, *, dtype: Optional[torch.dtype] = None) ->
 _ONNX_SPELLINGS = {_aten.diff.default: diff, _aten.cumsum.default: cumsum}
 register_channel_rule(diff)(_along_dim)  # in case a channel reaches them: pinned along dim
 register_channel_rule(cumsum)(_along_dim)
-
-
-def _rms_norms(graph: fx.Graph) -> int:
-    """Hand-written RMSNorms -> ``F.rms_norm`` (whose rule keeps the normalised width
-    removable; a mean over channels would pin it)::
-
-        x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)   ->   rms_norm(x, (C,), None, eps)
-
-    (either operand order of the multiply; each intermediate used only by the next)."""
-    count = 0
-    for mul in list(graph.nodes):
-        if mul.op != "call_function" or mul.target is not _aten.mul.Tensor or len(mul.args) != 2:
-            continue
-        for x, rsqrt in (mul.args, mul.args[::-1]):
-            chain = _rms_chain(x, rsqrt)
-            if chain is None:
-                continue
-            eps, width = chain
-            mul.target, mul.args, mul.kwargs = torch.nn.functional.rms_norm, (x, (width,), None, eps), {}
-            count += 1
-            break
-    return count
-
-
-def _rms_chain(x: Any, rsqrt: Any):
-    """(eps, width) when ``rsqrt`` is ``rsqrt(mean(pow(x, 2), [-1], True) + eps)``, else None."""
-    def single(n, target):
-        return isinstance(n, fx.Node) and n.op == "call_function" and n.target is target and len(n.users) == 1
-
-    if not isinstance(x, fx.Node) or not single(rsqrt, _aten.rsqrt.default):
-        return None
-    add = rsqrt.args[0]
-    if not single(add, _aten.add.Tensor) or not isinstance(add.args[1], float):
-        return None
-    mean = add.args[0]
-    if not single(mean, _aten.mean.dim) or list(mean.args[1]) not in ([-1],) or \
-            not (len(mean.args) > 2 and mean.args[2] is True):
-        return None
-    square = mean.args[0]
-    if not single(square, _aten.pow.Tensor_Scalar) or square.args[0] is not x or square.args[1] != 2:
-        return None
-    val = x.meta.get("val")
-    if val is None or not val.dim() or not isinstance(val.shape[-1], int):
-        return None
-    return add.args[1], int(val.shape[-1])
 
 
 def _slice_to_getitem(n: fx.Node) -> None:
