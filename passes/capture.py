@@ -57,6 +57,7 @@ from .errors import DisparseValueError, TraceError
 from .fuse_rms_norms import fuse_rms_norms, fuse_rms_norms_
 from .rules import register_channel_rule
 from .rules.aten import along_dim as _along_dim
+from .slim import keep_tied_names
 from .trace import task_output_nodes, trace_model
 
 __all__ = ["capture_model", "export_model", "CAPTURES"]
@@ -253,8 +254,14 @@ def _dropout_modules(gm: fx.GraphModule) -> None:
 
 
 def _share_tensors(gm: fx.GraphModule, model: nn.Module) -> None:
-    """Point gm's parameters and buffers at the model's own (export copies them)."""
-    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+    """Point gm's parameters and buffers at the model's own (export copies them).
+
+    A tied tensor (an LM head's weight that IS the input embedding's) is read by the
+    graph under one of its names; its other names are kept too, as the same tensor
+    (as symbolic tracing keeps them), so the state dict has every name and slimming,
+    which narrows a tensor under all its names, keeps the tie."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, t in named:
         owner, _, leaf = name.rpartition(".")
         try:
             sub = gm.get_submodule(owner) if owner else gm
@@ -264,3 +271,4 @@ def _share_tensors(gm: fx.GraphModule, model: nn.Module) -> None:
             sub._parameters[leaf] = t
         elif leaf in sub._buffers:
             sub._buffers[leaf] = t
+    keep_tied_names(gm, named)

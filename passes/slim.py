@@ -36,7 +36,7 @@ import contextlib
 import copy
 import logging
 import math
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -48,8 +48,8 @@ from .insert_channel_masks import (MASK_MODULE, fold_channel_masks, is_channel_m
                                    mask_plan, masked_view)
 from .rules import SlimContext, describe, lookup_channel_rule  # SlimContext: re-exported (it lives with the rules)
 
-__all__ = ["slim_channels", "slim", "channels_emptied_by", "SlimContext", "check_parity", "full_precision",
-           "parity_dtype"]
+__all__ = ["slim_channels", "slim", "channels_emptied_by", "keep_tied_names", "SlimContext", "check_parity",
+           "full_precision", "parity_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,9 @@ def slim_channels(gm: fx.GraphModule, groups: ChannelGroups, keep: Mapping[int, 
     _slice_members(new, groups, flat)
     _run_hooks(new, groups, flat)
     _eliminate_dead_code(new)
+    named = [*new.named_parameters(remove_duplicate=False), *new.named_buffers(remove_duplicate=False)]
     new.delete_all_unused_submodules()
+    keep_tied_names(new, named)  # a tied weight's names the graph does not read
     new.recompile()
     if check:
         leftover = [n.name for n in new.graph.nodes if is_channel_mask(n) or is_masked_norm(n)]
@@ -410,6 +412,30 @@ def check_parity(reference: fx.GraphModule, slim_gm: fx.GraphModule, groups: Cha
 
 
 # ----------------------------------------------------------------------------- elements
+def keep_tied_names(gm: fx.GraphModule, named: Iterable[Tuple[str, torch.Tensor]]) -> None:
+    """Register each ``(name, tensor)`` whose tensor ``gm`` holds under another name but
+    whose name it lacks (bare ``nn.Module`` containers on the way), in place: a tied
+    tensor (an LM head's weight that IS the input embedding's) keeps all its names when
+    the graph reads it under one."""
+    named = list(named)
+    held = {id(t) for t in [*gm.parameters(), *gm.buffers()]}
+    for name, t in named:
+        if id(t) not in held:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        sub = gm
+        for part in owner.split(".") if owner else ():
+            if not hasattr(sub, part):
+                sub.add_module(part, nn.Module())
+            sub = getattr(sub, part)
+        if not isinstance(sub, nn.Module) or leaf in sub._parameters or leaf in sub._buffers or hasattr(sub, leaf):
+            continue
+        if isinstance(t, nn.Parameter):
+            sub.register_parameter(leaf, t)
+        else:
+            sub.register_buffer(leaf, t)
+
+
 def channels_emptied_by(groups: ChannelGroups, element_masks: Mapping[str, torch.Tensor]) -> Dict[int, torch.Tensor]:
     """``keep`` that removes exactly the channels element masks already made dead.
 

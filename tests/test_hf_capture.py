@@ -277,3 +277,30 @@ def test_export_of_a_cnn_with_batch_norm_and_pooling(caplog):
     slim = dfx.slim(result)
     assert slim.get_parameter("conv1.weight").shape[0] < 16
     assert slim.get_buffer("bn1.running_mean").shape == slim.get_parameter("conv1.weight").shape[:1]
+
+
+def test_gpt2_with_a_tied_lm_head_keeps_the_tie(tmp_path):
+    """GPT-2 with its LM head (tie_word_embeddings=True: lm_head.weight IS wte.weight) and
+    a pooled head: channel 0.5 -> slim parity; the tie stays one narrower parameter under
+    both names, also after save / load."""
+    from .test_tied_weights import check_tied_compress
+
+    class LMAndCls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
+                                          use_cache=False, tie_word_embeddings=True)
+            self.lm, self.cls = transformers.GPT2LMHeadModel(cfg), nn.Linear(64, 2)
+
+        def forward(self, x):
+            out = self.lm(input_ids=x, output_hidden_states=True)
+            return {"lm": out.logits, "cls": self.cls(out.hidden_states[-1][:, 0])}
+
+    torch.manual_seed(0)
+    data = _data("tokens")
+    losses = {"lm": lambda p, b: F.cross_entropy(p[:, :-1].reshape(-1, VOCAB), b["input"][:, 1:].reshape(-1)),
+              "cls": LOSSES["cls"]}
+    slim = check_tied_compress(LMAndCls().eval(), losses, data, ("lm.transformer.wte.weight", "lm.lm_head.weight"),
+                               tmp_path=tmp_path)
+    report = dfx.export_onnx(slim, data[0]["input"][:1], tmp_path / "gpt2_lm.onnx", dynamic_sequence=True)
+    assert report.outputs == ("lm", "cls")
