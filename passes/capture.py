@@ -105,9 +105,9 @@ def capture_model(
 
 def export_model(model: nn.Module, example_inputs: Sequence[Any], *, dynamic: bool = True) -> fx.GraphModule:
     """Capture ``model`` with ``torch.export.export(..., strict=False)`` on positional
-    tensor ``example_inputs`` (see the module docstring). ``dynamic``: every input dim
-    is ``Dim.AUTO`` (dynamic unless the model fixes it: batch and sequence stay
-    dynamic, channels are fixed by the weights). The model's modes are as before."""
+    tensor ``example_inputs`` (see the module docstring). ``dynamic``: the batch and
+    sequence dims are ``Dim.AUTO`` (dynamic unless the model fixes them; see
+    :func:`_dynamic_dims`). The model's modes are as before."""
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -117,7 +117,7 @@ def export_model(model: nn.Module, example_inputs: Sequence[Any], *, dynamic: bo
                 f"capture='export' takes positional tensor inputs only; input {i} is {type(x).__name__}. "
                 f"Pass inputs=lambda batch: (tensor, ...) to compress, or wrap the model so its forward "
                 f"takes tensors")
-    shapes = tuple({d: torch.export.Dim.AUTO for d in range(x.dim())} for x in example) if dynamic else None
+    shapes = tuple({d: torch.export.Dim.AUTO for d in _dynamic_dims(x)} for x in example) if dynamic else None
     modes = [(m, m.training) for m in model.modules()]
     try:
         # the eval graph: a train-mode export would bake dropout in for good (train=True is
@@ -134,6 +134,16 @@ def export_model(model: nn.Module, example_inputs: Sequence[Any], *, dynamic: bo
     task_output_nodes(gm)
     log.debug("exported %s:\n%s", type(model).__name__, gm.code)
     return gm
+
+
+def _dynamic_dims(x: torch.Tensor) -> range:
+    """The dims of an example input left dynamic: every dim of token inputs (integer:
+    batch, sequence), batch and sequence of float ``(N, L, C)`` inputs, the batch of
+    images. An image's spatial size stays static: dynamic, it makes torch.export reason
+    symbolically through every resize and patch unfold (minutes for timm's mobilevit)."""
+    if not (x.is_floating_point() or x.is_complex()):
+        return range(x.dim())
+    return range(min(x.dim(), 2 if x.dim() == 3 else 1))
 
 
 def _plain(gm: fx.GraphModule, model: nn.Module, n_inputs: int) -> fx.GraphModule:

@@ -279,6 +279,7 @@ def test_export_of_a_cnn_with_batch_norm_and_pooling(caplog):
     assert slim.get_buffer("bn1.running_mean").shape == slim.get_parameter("conv1.weight").shape[:1]
 
 
+@pytest.mark.long  # the quick tie test is tests/test_tied_weights.py
 def test_gpt2_with_a_tied_lm_head_keeps_the_tie(tmp_path):
     """GPT-2 with its LM head (tie_word_embeddings=True: lm_head.weight IS wte.weight) and
     a pooled head: channel 0.5 -> slim parity; the tie stays one narrower parameter under
@@ -304,3 +305,44 @@ def test_gpt2_with_a_tied_lm_head_keeps_the_tie(tmp_path):
                                tmp_path=tmp_path)
     report = dfx.export_onnx(slim, data[0]["input"][:1], tmp_path / "gpt2_lm.onnx", dynamic_sequence=True)
     assert report.outputs == ("lm", "cls")
+
+
+def test_timm_mobilevit_falls_back_to_export(tmp_path):
+    """timm's mobilevit_xxs does not trace (control flow on sizes); capture='auto'
+    exports it (the image's spatial size static): channel 0.5 -> slim parity -> ONNX."""
+    timm = pytest.importorskip("timm", reason="timm is not installed (pip install '.[hf]')")
+
+    class TwoTasks(nn.Module):  # the feature map -> a dense head and a pooled head
+        def __init__(self):
+            super().__init__()
+            self.trunk = timm.create_model("mobilevit_xxs", pretrained=False, num_classes=0, global_pool="")
+            c = self.trunk.num_features
+            self.seg, self.cls = nn.Conv2d(c, 4, 1), nn.Linear(c, 3)
+
+        def forward(self, x):
+            f = self.trunk.forward_features(x)
+            return {"seg": self.seg(f), "cls": self.cls(f.mean((2, 3)))}
+
+    torch.manual_seed(0)
+    model = TwoTasks().eval()
+    with pytest.raises(TraceError):
+        trace_model(model)
+    g = torch.Generator().manual_seed(0)
+    data = [{"input": torch.randn(2, 3, 64, 64, generator=g), "seg": torch.randint(0, 4, (2, 2, 2), generator=g),
+             "cls": torch.randint(0, 3, (2,), generator=g)} for _ in range(2)]
+    losses = {"seg": lambda p, b: F.cross_entropy(p, b["seg"]), "cls": lambda p, b: F.cross_entropy(p, b["cls"])}
+    result = dfx.compress(model, losses, data, CONFIG, capture="auto")
+    assert abs(result.plan.sparsity - 0.5) < 0.02
+    slim = dfx.slim(result)
+    params, slim_params = dict(model.named_parameters()), dict(slim.named_parameters())
+    before = sum(params[p].numel() for p in result.plan.prunable)
+    assert 1 - sum(slim_params[p].numel() for p in result.plan.prunable if p in slim_params) / before >= 0.3
+    x = data[0]["input"]
+    result.model.eval()
+    slim.eval()
+    with torch.no_grad():
+        masked, compact = result.model(x), slim(x)
+    for task in masked:
+        assert torch.allclose(masked[task], compact[task], atol=1e-4, rtol=1e-4), task
+    report = dfx.export_onnx(slim, x[:1], tmp_path / "mobilevit.onnx")
+    assert report.outputs == ("seg", "cls") and report.batch_sizes == (1, 2)
