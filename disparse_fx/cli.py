@@ -241,6 +241,15 @@ def _shape(text: str) -> Tuple[int, ...]:
     return shape
 
 
+def _add_capture_option(p) -> None:
+    from .passes.capture import CAPTURES
+
+    p.add_argument("--capture", choices=CAPTURES, default="auto",
+                   help="how the model becomes a graph: fx (symbolic tracing), export (torch.export on the first "
+                        "batch: current Hugging Face models) or auto (tracing, torch.export if tracing fails) "
+                        "(default: auto)")
+
+
 def _add_commands(sub) -> None:
     p = _add_parser(sub, "inspect", help="ownership table and the graph code after mask insertion",
                     description="Print which tasks each parameter serves (shared / task-specific / unused) "
@@ -249,6 +258,7 @@ def _add_commands(sub) -> None:
     p.add_argument("model", type=_factory_spec, metavar="MODEL", help="package.module:factory returning the model")
     p.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,3,64,64 (needed for "
                                                       "--granularity channel)")
+    _add_capture_option(p)
     _add_config_options(p, "sparsity", "granularity", "attention", "seed")
 
     p = _add_parser(sub, "compress", help="compress a model and save the result",
@@ -262,6 +272,7 @@ def _add_commands(sub) -> None:
                                                       "shape of random example inputs")
     p.add_argument("--baseline", action="store_true", help="one score on the summed loss (disentangle=False)")
     p.add_argument("--out", required=True, help="result file to write (e.g. result.dfx)")
+    _add_capture_option(p)
     _add_config_options(p)
 
     p = _add_parser(sub, "slim", help="remove pruned channels from a saved result",
@@ -343,7 +354,7 @@ def _cmd_inspect(args, out: TextIO) -> int:
 
     model = _model(args.model)
     data = [torch.randn(args.input_shape)] if args.input_shape else []
-    result = compress(model, _dummy_losses(model), data, args.config)
+    result = compress(model, _dummy_losses(model), data, args.config, capture=args.capture)
     plan = result.plan
     kinds = {"shared": "shared", "task": "task-specific", "unused": "unused"}
     rows = [[p, "x".join(map(str, t.shape)), t.numel(), owners_label(plan, p), kinds[plan.kind(p)],
@@ -392,7 +403,7 @@ def _cmd_compress(args, out: TextIO) -> int:
     else:  # main() rejects this combination as a usage error
         raise CLIError("compress MODEL needs --data package.module:factory (or --criterion magnitude/random "
                        "with --input-shape)")
-    result = compress(model, losses, data, args.config)
+    result = compress(model, losses, data, args.config, capture=args.capture)
     print(result.summary(), file=out)
     save(result, args.out)
     print(f"\ncompressed {what}: sparsity {result.plan.sparsity:.4f}; result saved to {args.out}", file=out)

@@ -177,3 +177,27 @@ def test_failures_inside_the_users_module_name_it(tmp_path, monkeypatch, capsys)
             in capsys.readouterr().err)
     assert main(["inspect", "factories:broken"]) == 1
     assert "MODEL factory 'factories:broken' raised ValueError: boom in factory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("capture, aten", [("fx", False), ("export", True), ("auto", False)])
+def test_compress_capture_option(capture, aten, tmp_path, capsys):
+    """--capture fx|export|auto (default auto) chooses how compress captures the model."""
+    argv = ["compress", MODEL, "--criterion", "magnitude", "--input-shape", "2,3,8,8", "--num-batches", "1",
+            "--out", str(tmp_path / "r.dfx")]
+    assert main(argv + (["--capture", capture] if capture != "auto" else [])) == 0
+    model = load(tmp_path / "r.dfx").model
+    assert any(str(n.target).startswith("aten.") for n in model.graph.nodes) == aten
+    capsys.readouterr()
+    assert main(["inspect", MODEL, "--input-shape", "2,3,8,8", "--capture", capture]) == 0
+    assert "graph code after mask insertion" in capsys.readouterr().out
+
+
+def test_capture_option_help_and_choices(capsys):
+    from disparse_fx.passes.capture import CAPTURES
+
+    with pytest.raises(SystemExit) as info:
+        main(["compress", "--help"])
+    assert info.value.code == 0 and "--capture {" + ",".join(CAPTURES) + "}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main(["compress", MODEL, "--capture", "dynamo", "--out", "r.dfx"])
+    assert info.value.code == 2 and "invalid choice: 'dynamo'" in capsys.readouterr().err

@@ -132,6 +132,17 @@ LOSSES = {"tok": _tok_loss, "cls": lambda pred, batch: F.cross_entropy(pred, bat
 CONFIG = dfx.CompressConfig(sparsity=0.5, granularity="channel", criterion="taylor", num_batches=2, progress=False)
 
 
+def _assert_parity(result, slim, x):
+    """The masked and the slim model agree on ``x`` (eval mode); the slim outputs."""
+    result.model.eval()
+    slim.eval()
+    with torch.no_grad():
+        masked, compact = result.model(x), slim(x)
+    for task in masked:
+        assert torch.allclose(masked[task], compact[task], atol=1e-4, rtol=1e-4), task
+    return compact
+
+
 @pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.long if long else ())
                                   for a, (_, _, long) in ARCHS.items()])
 def test_compress_slim_onnx(arch, tmp_path):
@@ -150,12 +161,8 @@ def test_compress_slim_onnx(arch, tmp_path):
     after = sum(slim_params[p].numel() for p in plan.prunable if p in slim_params)
     assert 1 - after / before >= 0.3, f"{arch}: only {1 - after / before:.1%} of the prunable parameters removed"
     x = data[0]["input"]
-    result.model.eval()
-    slim.eval()
+    compact = _assert_parity(result, slim, x)
     with torch.no_grad():
-        masked, compact = result.model(x), slim(x)
-        for task in masked:
-            assert torch.allclose(masked[task], compact[task], atol=1e-4, rtol=1e-4), task
         other = slim(_inputs(kind, 3, 24))  # batch and sequence stay dynamic
     assert other["tok"].shape[0] == 3
     if kind == "tokens":
@@ -338,11 +345,6 @@ def test_timm_mobilevit_falls_back_to_export(tmp_path):
     before = sum(params[p].numel() for p in result.plan.prunable)
     assert 1 - sum(slim_params[p].numel() for p in result.plan.prunable if p in slim_params) / before >= 0.3
     x = data[0]["input"]
-    result.model.eval()
-    slim.eval()
-    with torch.no_grad():
-        masked, compact = result.model(x), slim(x)
-    for task in masked:
-        assert torch.allclose(masked[task], compact[task], atol=1e-4, rtol=1e-4), task
+    _assert_parity(result, slim, x)
     report = dfx.export_onnx(slim, x[:1], tmp_path / "mobilevit.onnx")
     assert report.outputs == ("seg", "cls") and report.batch_sizes == (1, 2)
