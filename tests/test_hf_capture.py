@@ -16,6 +16,8 @@ from disparse_fx.passes.capture import export_model  # noqa: E402
 from disparse_fx.passes.errors import TraceError  # noqa: E402
 from disparse_fx.passes.trace import trace_model  # noqa: E402
 
+from .zoo import assert_slim_matches  # noqa: E402
+
 VOCAB = 100
 
 
@@ -134,13 +136,7 @@ CONFIG = dfx.CompressConfig(sparsity=0.5, granularity="channel", criterion="tayl
 
 def _assert_parity(result, slim, x):
     """The masked and the slim model agree on ``x`` (eval mode); the slim outputs."""
-    result.model.eval()
-    slim.eval()
-    with torch.no_grad():
-        masked, compact = result.model(x), slim(x)
-    for task in masked:
-        assert torch.allclose(masked[task], compact[task], atol=1e-4, rtol=1e-4), task
-    return compact
+    return assert_slim_matches(result.model, slim, x)
 
 
 @pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.long if long else ())

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 import disparse_fx as dfx
 
+from .zoo import assert_slim_matches
+
 
 def opaque_mask(n: int) -> torch.Tensor:
     """An op without a channel rule, called on a shape: a boolean band mask."""
@@ -119,11 +121,7 @@ def _output_group(result, param):
 
 
 def _parity(result, slim, x):
-    result.model.eval(), slim.eval()
-    with torch.no_grad():
-        a, b = result.model(x), slim(x)
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    assert_slim_matches(result.model, slim, x, atol=1e-5, rtol=1e-4)
 
 
 def test_masks_built_from_shapes_need_no_rule():

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 import disparse_fx as dfx
 
+from .zoo import assert_slim_matches
+
 V, C = 50, 32
 
 
@@ -41,12 +43,7 @@ def check_tied_compress(model, losses, data, tied, capture="auto", tmp_path=None
     assert w is slim.get_parameter(b) and w.shape[1] < model.get_parameter(a).shape[1]
     assert sum(1 for p in slim.parameters() if p is w) == 1  # one parameter
     x = data[0]["input"]
-    result.model.eval()
-    slim.eval()
-    with torch.no_grad():
-        masked, out = result.model(x), slim(x)
-    for task in masked:
-        assert torch.allclose(masked[task], out[task], atol=1e-4, rtol=1e-4), task
+    out = assert_slim_matches(result.model, slim, x)
     if tmp_path is not None:
         dfx.save(slim, tmp_path / "tied.dfx")
         back = dfx.load(tmp_path / "tied.dfx").eval()

@@ -248,3 +248,15 @@ def example_input(entry: ZooEntry, seed: int = 123) -> torch.Tensor:
 
 def outputs_by_task(out) -> Dict[Hashable, torch.Tensor]:
     return dict(out) if isinstance(out, dict) else dict(enumerate(out))
+
+
+def assert_slim_matches(masked: nn.Module, slim: nn.Module, x, *, atol: float = 1e-4, rtol: float = 1e-4):
+    """The masked and the slim model agree on ``x`` task by task (both in eval mode, no
+    grad) within ``atol`` / ``rtol``; returns the slim model's outputs."""
+    masked.eval()
+    slim.eval()
+    with torch.no_grad():
+        want, got = masked(x), slim(x)
+    for task in want:
+        assert torch.allclose(want[task], got[task], atol=atol, rtol=rtol), task
+    return got
