@@ -106,8 +106,8 @@ def decide(
     total = 0
     for p in prunable:
         starts[p], total = total, total + numel[p]
-    if total >= 1 << 32:
-        raise ValueError(f"the element decision supports fewer than 2**32 prunable elements, got {total}")
+    if total >= 1 << 31:  # products (j + 1) * |D_v| in _codes stay below 2**62
+        raise ValueError(f"the element decision supports fewer than 2**31 prunable elements, got {total}")
     units = list(scores.scores)
     domains = {u: tuple(scores.domains[u]) for u in units}
     device = next(iter(next(iter(scores.scores.values())).values())).device
@@ -126,39 +126,46 @@ def decide(
         for ui, u in enumerate(units)
     ]
 
-    # 2. Their union: c(e) = min_u c_u(e), the best unit (the first on ties), ordered by
-    #    (parameter, c, flat index); pos = position within the parameter.
-    c_all = torch.cat([torch.arange(1, len(o) + 1, dtype=torch.float64, device=device) / sizes[u]
-                       for o, u in zip(orders, units)])
-    ui_all = torch.cat([torch.full((len(o),), ui, dtype=torch.int64, device=device) for ui, o in enumerate(orders)])
-    uniq, inv = torch.unique(torch.cat(orders), return_inverse=True)
-    c = torch.full((len(uniq),), math.inf, dtype=torch.float64, device=device).scatter_reduce_(0, inv, c_all, "amin")
-    best = torch.full((len(uniq),), len(units), dtype=torch.int64, device=device).scatter_reduce_(
-        0, inv, torch.where(c_all == c[inv], ui_all, len(units)), "amin")
-    del c_all, ui_all, inv
+    # 2. Their union in one dense table over the flat index: enc(e) = code(e) * T + best(e),
+    #    code = the rank of c(e) among all prefix values (equal c, equal code), best = the
+    #    first unit attaining it; elements in no prefix hold INF.
+    n_units = len(units)
+    lens = [len(o) for o in orders]
+    codes = [_codes(ui, lens, [sizes[u] for u in units], device) for ui in range(n_units)]
+    wide = (sum(lens) + 1) * n_units >= 1 << 31
+    inf = torch.iinfo(torch.int64 if wide else torch.int32).max
+    enc = torch.full((total,), inf, dtype=torch.int64 if wide else torch.int32, device=device)
+    for ui, (o, code) in enumerate(zip(orders, codes)):
+        enc.scatter_reduce_(0, o, (code * n_units + ui).to(enc.dtype), "amin")
+    uniq = (enc != inf).nonzero().squeeze(1)  # the union, by flat index
+    e = enc[uniq].long()
+    c, best = e // n_units, e % n_units
+    del e
     pid = torch.searchsorted(g_starts, uniq, right=True) - 1
-    order = torch.argsort(c, stable=True)
-    order = order[torch.argsort(pid[order], stable=True)]
-    uniq, c, best, pid = uniq[order], c[order], best[order], pid[order]
-    del order
     in_union = torch.bincount(pid, minlength=len(prunable))
-    pos = torch.arange(len(uniq), device=device) - (torch.cumsum(in_union, 0) - in_union)[pid]
-    floor_t = torch.tensor(floors, dtype=torch.int64, device=device)
 
-    # 3. r: the (target - F)-th smallest c past its layer's floor.
+    # 3. Floors within the union: per parameter its floor_p smallest (code, flat index);
+    #    r: the (target - F)-th smallest code past its layer's floor.
+    in_floor = _in_floor(c, in_union.tolist(), floors)
     need = target_kept - sum(floors)
-    past_floor = c[pos >= floor_t[pid]]
+    past_floor = c[~in_floor]
     if need <= 0:
-        r = float(c.min())
+        r_code = int(c.min()) if len(c) else None
     elif len(past_floor) >= need:
-        r = float(torch.kthvalue(past_floor, need).values)
+        r_code = int(torch.kthvalue(past_floor, need).values)
     else:  # only when some prunable parameter has no owner: keep everything, as c = inf there
-        r = math.inf
+        r_code = None
     del past_floor
+    if r_code is None:
+        r = math.inf
+    else:  # r as a float: (j + 1) / |D_u| of a prefix entry holding that code
+        ui = int(best[c == r_code][0])
+        j = int(torch.searchsorted(codes[ui], r_code))
+        r = (j + 1) / sizes[units[ui]]
 
     # 4. Floors: the parameter's next best elements by c, credited to their best unit.
-    kept = c <= r
-    extra = ~kept & (pos < torch.minimum(floor_t, in_union)[pid])
+    kept = c <= r_code if r_code is not None else torch.ones_like(in_floor)
+    extra = ~kept & in_floor
     extra_idx, extra_best = [uniq[extra]], [best[extra]]
     deep = [(p, floors[i] - n) for i, (p, n) in enumerate(zip(prunable, in_union.tolist())) if floors[i] > n]
     if deep and math.isfinite(r):
@@ -167,21 +174,22 @@ def decide(
         extra_idx.append(idx)
         extra_best.append(who)
     extra_idx, extra_best = torch.cat(extra_idx), torch.cat(extra_best)
+    del uniq, c, best, pid, kept, extra, in_floor
 
-    flat = torch.zeros(total, dtype=torch.bool, device=device)
     if math.isfinite(r):
-        flat[uniq[kept]] = True
+        flat = enc <= r_code * n_units + n_units - 1  # code <= r_code
         flat[extra_idx] = True
     else:
-        flat[:] = True
-    del uniq, c, pid, pos, kept, extra
+        flat = torch.ones(total, dtype=torch.bool, device=device)
+    del enc
     masks = {p: flat[starts[p]:starts[p] + numel[p]].view(shapes[p]).clone() for p in prunable}
     del flat
     task_masks: Dict[Hashable, Dict[str, torch.Tensor]] = {}
     if config.disentangle:
         for ui, u in enumerate(units):
             kept_u = torch.zeros(total, dtype=torch.bool, device=device)
-            kept_u[orders[ui][:_count_le(r, sizes[u])]] = True
+            m_u = lens[ui] if r_code is None else int(torch.searchsorted(codes[ui], r_code, right=True))
+            kept_u[orders[ui][:m_u]] = True
             kept_u[extra_idx[extra_best == ui]] = True
             task_masks[u] = {p: kept_u[starts[p]:starts[p] + numel[p]].view(shapes[p]).clone() for p in domains[u]}
             del kept_u
@@ -219,6 +227,40 @@ def _count_le(r: float, n: int) -> int:
     while k > 0 and k / n > r:
         k -= 1
     return k
+
+
+def _codes(ui: int, lens: Sequence[int], sizes: Sequence[int], device) -> torch.Tensor:
+    """code of unit ui's j-th prefix entry, c = (j + 1) / n_ui: the number of prefix entries
+    (v, i), i < lens[v], of all units with c_v(i) < c, compared exactly in integers:
+    #{i : (i + 1) / n_v < (j + 1) / n_u} = ((j + 1) * n_v - 1) // n_u (equal c, equal code)."""
+    n_u = sizes[ui]
+    a = torch.arange(1, lens[ui] + 1, dtype=torch.int64, device=device)
+    code = torch.zeros(lens[ui], dtype=torch.int64, device=device)
+    for v, (k_v, n_v) in enumerate(zip(lens, sizes)):
+        if n_v == n_u:
+            code += torch.clamp_max(a - 1, k_v)
+        else:
+            code += torch.clamp_max((a * n_v - 1) // n_u, k_v)
+    return code
+
+
+def _in_floor(c: torch.Tensor, counts: Sequence[int], floors: Sequence[int]) -> torch.Tensor:
+    """Per parameter (contiguous runs of ``counts`` entries, by flat index), whether an entry
+    is among the parameter's floor_p smallest (c, position)."""
+    out = torch.ones(len(c), dtype=torch.bool, device=c.device)
+    lo = 0
+    for m, f in zip(counts, floors):
+        if m > f:
+            seg = c[lo:lo + m]
+            if f == 0:
+                out[lo:lo + m] = False
+            else:
+                tau = torch.kthvalue(seg, f).values
+                lt = seg < tau
+                eq = seg == tau
+                out[lo:lo + m] = lt | (eq & (torch.cumsum(eq, 0) <= f - lt.sum()))
+        lo += m
+    return out
 
 
 _M32 = 0xFFFFFFFF
@@ -266,25 +308,31 @@ def _top_in_order(parts, dom, starts, k: int, seed: int, device) -> torch.Tensor
     if k >= len(s):
         chosen = torch.arange(len(s), device=device)
     else:
-        v = _kth_largest(bits, k)
-        gt = (bits > v).nonzero().squeeze(1)
-        tie = (bits == v).nonzero().squeeze(1)
-        m = k - len(gt)
-        tie = tie[torch.topk(_hash32(flat_index(tie), seed), m).indices]
-        chosen = torch.cat([gt, tie])
-        del gt, tie
+        chosen = _select(bits, _kth_largest(bits, k), k, lambda pos: _hash32(flat_index(pos), seed))
     index = flat_index(chosen)
     key = (bits[chosen].long() << 32) | _hash32(index, seed)
     return index[torch.argsort(key, descending=True)]
+
+
+def _select(bits: torch.Tensor, v, k: int, tie_hash) -> torch.Tensor:
+    """Positions of the k largest ``bits`` (unordered), given v, the k-th largest: all above
+    v, and of those equal to v the ones with the largest ``tie_hash(positions)``."""
+    chosen = (bits >= v).nonzero().squeeze(1)  # one pass: the k best and the rest of the tie
+    if len(chosen) > k:
+        tie = bits[chosen] == v
+        ties = chosen[tie]
+        ties = ties[torch.topk(tie_hash(ties), k - (len(chosen) - len(ties))).indices]
+        chosen = torch.cat([chosen[~tie], ties])
+    return chosen
 
 
 def _kth_largest(bits: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest of non-negative int32 values: a two-level radix select (15 + 16 bits)."""
     high = bits >> 16
     b1, above = _bucket_from_top(torch.bincount(high, minlength=1 << 15), torch.tensor([k], device=bits.device))
-    low = torch.where(high == b1, bits & 0xFFFF, 1 << 16)
+    low = bits[high == b1] & 0xFFFF  # only the bucket holding the k-th
     del high
-    b2, _ = _bucket_from_top(torch.bincount(low, minlength=(1 << 16) + 1)[: 1 << 16], k - above)
+    b2, _ = _bucket_from_top(torch.bincount(low, minlength=1 << 16), k - above)
     return (b1 << 16) | b2
 
 
@@ -320,12 +368,12 @@ def _deep_floor_extras(deep, uniq, pid, normalised, domains, starts, numel, size
             out_idx.append(torch.arange(lo, lo + d, device=device))
             out_best.append(torch.full((d,), -1, dtype=torch.int64, device=device))
             continue
-        index = torch.arange(lo, lo + numel[p], device=device)
         picks = []
         for ui in owners:
-            key = _keys(normalised[units[ui]][p], index, seed + ui)
-            key[local_taken] = -1
-            picks.append(torch.topk(key, d).indices)
+            bits = normalised[units[ui]][p].reshape(-1).view(torch.int32).clone()
+            bits[local_taken] = -1
+            v = torch.topk(bits, d, sorted=False).values.min()
+            picks.append(_select(bits, v, d, lambda pos: _hash32(pos + lo, seed + ui)))
         cands[p] = torch.unique(torch.cat(picks)) + lo
         for ui in owners:
             queries.setdefault(ui, []).append(p)
