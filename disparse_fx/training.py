@@ -57,7 +57,7 @@ from .importance import _forked_rng, _losses, _to_device, default_inputs
 from .result import CompressionResult
 
 __all__ = ["DynamicSparsity", "ChannelDynamicSparsity", "UpdateRecord",
-           "erk_densities", "finetune", "ERK_POWER", "INITS", "OPTIMIZERS"]
+           "erk_densities", "finetune", "ERK_POWER", "INITS", "OPTIMIZERS", "LR_SCHEDULES"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ log = logging.getLogger(__name__)
 ERK_POWER = 0.9
 INITS = ("erk", "plan")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+#: Learning-rate schedules of finetune(): the optimizer's lr throughout, or cosine
+#: annealing from it to 0 over the steps (Loshchilov & Hutter, SGDR, ICLR 2017).
+LR_SCHEDULES = ("constant", "cosine")
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 
@@ -970,6 +973,7 @@ def finetune(
     eval_every: Optional[int] = None,
     dynamic: Optional[DynamicSparsity] = None,
     task_weights: Optional[Mapping[Hashable, float]] = None,
+    lr_schedule: str = "constant",
 ) -> Dict[str, Any]:
     """Train ``steps`` optimizer steps on ``data`` (cycled as needed); returns the history.
 
@@ -978,6 +982,10 @@ def finetune(
     ``optimizer``: "adam" (default), "adamw", "sgd" (momentum 0.9), a factory
     ``params -> Optimizer``, or an Optimizer; with ``dynamic`` the scheduler's optimizer
     is used. ``task_weights``: {task: weight} of the summed loss (default 1 each).
+    ``lr_schedule``: "constant" (default) or "cosine": each parameter group's lr annealed
+    from its value to 0 over ``steps`` (SGDR, Loshchilov & Hutter 2017, without restarts);
+    a model trained to the end of a cosine schedule has settled, so two runs that differ
+    only in seed end closer together than at a constant lr.
     ``inputs``: batch -> model input(s); default: the scheduler's, else the ``inputs=``
     compress() was given (``CompressionResult.inputs``), else api.md's default.
     ``eval_fn(model)`` runs under ``torch.no_grad()`` in eval mode every ``eval_every``
@@ -997,6 +1005,8 @@ def finetune(
         raise DisparseValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
     if eval_every is not None:
         _check_int("eval_every", eval_every, 1)
+    if lr_schedule not in LR_SCHEDULES:
+        raise DisparseValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
     if eval_fn is not None and not callable(eval_fn):
         raise DisparseValueError(f"eval_fn must be a callable model -> metrics, got {type(eval_fn).__name__}")
     if inputs is not None and not callable(inputs):
@@ -1021,6 +1031,7 @@ def finetune(
     if inputs is None and isinstance(result_or_model, CompressionResult):
         inputs = result_or_model.inputs
     inputs = inputs or default_inputs
+    base_lrs = [group["lr"] for group in opt.param_groups]
 
     history: Dict[str, Any] = {"step": [], "loss": [], "task_losses": {}, "eval": [], "sparsity": []}
     losses_by_task: Optional[Dict[Hashable, LossFn]] = None
@@ -1046,6 +1057,10 @@ def finetune(
                 raise LossError(f"the weighted sum of the task losses is {float(total)} at step {step}")
             opt.zero_grad(set_to_none=True)
             total.backward()
+            if lr_schedule == "cosine":
+                factor = 0.5 * (1.0 + math.cos(math.pi * (step - 1) / steps))
+                for group, base in zip(opt.param_groups, base_lrs):
+                    group["lr"] = base * factor
             opt.step()
             if dynamic is not None:
                 if dynamic.step(batch) is not None:
@@ -1063,6 +1078,9 @@ def finetune(
     finally:
         bar.close()
         model.train(was_training)
+        if lr_schedule != "constant":  # a caller's optimizer gets its lr back
+            for group, base in zip(opt.param_groups, base_lrs):
+                group["lr"] = base
     history["seconds"] = time.perf_counter() - t0
     log.info("finetune: %d steps in %.1fs, final loss %.4g", steps, history["seconds"], history["loss"][-1])
     return history

@@ -547,6 +547,29 @@ def test_finetune_eval_callback_and_task_weights():
         assert torch.equal(p, cls_before[n]), n
 
 
+def test_finetune_cosine_schedule_anneals_each_group_to_zero_and_gives_the_lr_back():
+    entry = ZOO_BY_NAME["two_heads_dict"]
+    model = entry.build()
+    opt = torch.optim.SGD([{"params": model.cls.parameters(), "lr": 0.1},
+                           {"params": [p for n, p in model.named_parameters() if not n.startswith("cls.")],
+                            "lr": 0.02}])
+    seen = []
+    real_step = opt.step
+
+    def step(*a, **k):  # the lr each optimizer step is taken with
+        seen.append([g["lr"] for g in opt.param_groups])
+        return real_step(*a, **k)
+
+    opt.step = step
+    finetune(model, entry.task_losses, entry.batches(2), 4, optimizer=opt, lr_schedule="cosine", progress=False)
+    factors = [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]  # 1, 0.854, 0.5, 0.146
+    assert [x for lrs in seen for x in lrs] == pytest.approx([x for f in factors for x in (0.1 * f, 0.02 * f)])
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.02]  # the caller's optimizer is as it was
+    seen.clear()
+    finetune(model, entry.task_losses, entry.batches(2), 2, optimizer=opt, progress=False)
+    assert seen == [[0.1, 0.02]] * 2  # constant (the default)
+
+
 def test_finetune_drives_dynamic_sparsity_and_works_on_a_plain_module():
     entry = ZOO_BY_NAME["residual_tuple"]
     result = compressed(entry)
@@ -569,6 +592,7 @@ def test_finetune_drives_dynamic_sparsity_and_works_on_a_plain_module():
     (dict(weight_decay=-1.0), r"weight_decay must be a number >= 0, got -1.0"),
     (dict(eval_every=0), r"eval_every must be an integer >= 1, got 0"),
     (dict(eval_fn=5), r"eval_fn must be a callable model -> metrics, got int"),
+    (dict(lr_schedule="step"), r"lr_schedule must be one of \('constant', 'cosine'\), got 'step'"),
     (dict(task_weights={"seg": 1.0}), r"task_weights must be a dict with one number per task \['seg', 'cls'\]"),
     (dict(task_weights={"seg": 1.0, "cls": -2}), r"task_weights\['cls'\] must be a finite number >= 0, got -2"),
     (dict(result_or_model="x"), r"result_or_model must be a CompressionResult or an nn.Module, got str"),
