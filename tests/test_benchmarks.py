@@ -62,27 +62,49 @@ def test_quality_smoke(tmp_path):
     _check(_run("quality.py", "--smoke", "--out", str(out)))
     text = out.read_text()
     _header_ok(text)
-    for method in ("dense + same fine-tuning", "erk-random", "disparse-dynamic"):
+    for method in ("dense + same fine-tuning", "imp", "disparse-dynamic", "tp-taylor"):
         assert method in text
-    assert "## element sparsity 90%" in text and "## channel sparsity 50%" in text
-    assert "## channel sparsity 50% (budget: params" in text and "## channel sparsity 50% (budget: flops" in text
-    assert "What the speed costs" in text and "FLOPs removed" in text
-    raw = tmp_path / "quality.json"
-    runs = json.loads(raw.read_text())["runs"]
-    flops_runs = [r for r in runs if r.get("budget") == "flops"]
-    assert flops_runs and all(r["flops_removed"] > 0 for r in flops_runs)
+    for weighting in ("equal", "taskonomy"):
+        assert f"## '{weighting}' weights: element sparsity 90.0%" in text
+        assert f"## '{weighting}' weights: channel sparsity 50.0% (budget: flops" in text
+        assert f"### Weighting '{weighting}': paired Delta_T difference DiSparse - baseline" in text
+        assert f"### Dense training ('{weighting}' weights): validation loss" in text
+    assert "mean diff [95% CI]" in text and "loses >= 5% Delta_T" in text and "Watershed layer:" in text
+    for png in ("quality.png", "quality_tasks.png", "quality_watershed.png"):
+        assert (tmp_path / png).stat().st_size > 0
+    runs = json.loads((tmp_path / "quality.json").read_text())["runs"]
+    assert {r["weighting"] for r in runs} == {"equal", "taskonomy"} and {r["seed"] for r in runs} == {0, 1}
+    assert all(r["flops_removed"] > 0 for r in runs if r["granularity"] == "channel")
+    assert all(set(r["task_deltas"]) == {"edge", "keypoint", "segment", "denoise"} for r in runs)
+    imp = [r for r in runs if r["method"] == "imp"]
+    assert imp and all(abs(r["achieved_sparsity"] - 0.9) < 0.01 for r in imp)
 
-    # a results file from before --channel-budgets (no "budget", no FLOPs fields): --resume keeps its
-    # channel runs as params runs and adds only the FLOPs-budget runs
-    old = [{k: v for k, v in r.items() if k not in ("budget", "flops_dense", "flops_after", "flops_removed")}
-           for r in runs if r.get("budget") != "flops"]
-    raw.write_text(json.dumps(dict(config={}, dense_metrics={}, runs=old)))
+    # --resume after an interruption: only the missing run is made again
+    raw = tmp_path / "quality.json"
+    kept = [r for r in runs if not (r["seed"] == 1 and r["method"] == "imp" and r["weighting"] == "taskonomy")]
+    raw.write_text(json.dumps(dict(config={}, runs=kept)))
     proc = _run("quality.py", "--smoke", "--resume", "--out", str(out))
     _check(proc)
     rerun = [line for line in proc.stdout.splitlines() if line.startswith("[")]
-    assert rerun and all(" flops " in line for line in rerun), rerun
+    assert len(rerun) == 1 and "taskonomy element 0.9 imp seed 1:" in rerun[0], rerun
     after = json.loads(raw.read_text())["runs"]
-    assert len(after) == len(runs) and after[: len(old)] == old
+    assert len(after) == len(runs) and after[: len(kept)] == kept
+
+
+def test_t_interval_and_pairing():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(BENCH))
+    mean, lo, hi = quality.t_interval([1.0, 2.0, 3.0])
+    # mean 2, std 1, t(0.975, 2) = 4.303: half-width 4.303 / sqrt(3)
+    assert mean == 2.0 and abs(hi - 2.0 - 4.302653 / 3 ** 0.5) < 1e-5 and abs((mean - lo) - (hi - mean)) < 1e-12
+    runs = [dict(method="a", seed=s, delta_t=d) for s, d in ((0, 1.0), (1, 2.0), (2, 4.0))]
+    runs += [dict(method="b", seed=s, delta_t=d) for s, d in ((0, 0.0), (1, 0.0), (3, 9.0))]
+    m, lo, hi, n = quality.paired(runs, "a", "b")  # seeds 0 and 1 only: diffs 1, 2
+    assert n == 2 and m == 1.5 and lo < 1.5 < hi
+    assert quality._reading(0.1, 2.0) == "DiSparse ahead" and quality._reading(-1.0, 2.0) == "CI includes 0"
 
 
 def test_gpu_smoke_falls_back_to_cpu(tmp_path):
