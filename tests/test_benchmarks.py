@@ -107,6 +107,15 @@ def test_t_interval_and_pairing():
     assert quality._reading(0.1, 2.0) == "DiSparse ahead" and quality._reading(-1.0, 2.0) == "CI includes 0"
 
 
+def test_demo_spread_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISPARSE_FX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "spread.md"
+    _check(_run("demo_spread.py", "--smoke", "--seeds", "3", "--out", str(out)))
+    text = out.read_text()
+    _header_ok(text)
+    assert "| 3      | slim " in text and "(dense trained)" in text and "Delta_T over seeds [3]" in text
+
+
 def test_gpu_smoke_falls_back_to_cpu(tmp_path):
     out = tmp_path / "gpu.md"
     _check(_run("gpu.py", "--smoke", "--out", str(out)))

@@ -1,4 +1,5 @@
 """The command line: demo end to end, help, exit codes."""
+import json
 import subprocess
 import sys
 
@@ -19,9 +20,18 @@ def test_demo_fast_mode(capsys, tmp_path, monkeypatch):
                 "graph.svg", "report.md"):
         assert row in out
     assert (tmp_path / "demo" / "slim.onnx").exists() and (tmp_path / "demo" / "summary.md").exists()
+    saved = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert saved["seed"] == 0 and set(saved["metrics"]["slim"]) == {"edge", "keypoint", "segment", "denoise"}
+    assert saved["params"]["slim"] < saved["params"]["dense"] and saved["flops"]["slim"] < saved["flops"]["dense"]
+    photos = [line for line in out.splitlines() if "test photographs" in line]
     # the second run loads the cached dense checkpoint instead of training again
     assert main(["demo", "--fast", "--out", str(tmp_path / "demo")]) == 0
     assert "loaded the cached checkpoint" in capsys.readouterr().out
+    # another seed trains another model, but on the same data split: the same test photographs
+    assert main(["demo", "--fast", "--seed", "1", "--out", str(tmp_path / "demo1")]) == 0
+    out1 = capsys.readouterr().out
+    assert "trained" in out1 and [line for line in out1.splitlines() if "test photographs" in line] == photos
+    assert json.loads((tmp_path / "demo1" / "metrics.json").read_text())["seed"] == 1
 
 
 def test_help_and_usage_errors():
