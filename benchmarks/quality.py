@@ -46,10 +46,10 @@ Methods (``--methods-element`` / ``--methods-channel``):
 Delta_T: mean over tasks of the mean relative change of the task's metrics vs the dense
 model (sign-flipped for lower-is-better metrics), in percent.
 
-    python benchmarks/quality.py             # default: 5 seeds, both weightings, element 90/98/99.5%
+    python benchmarks/quality.py             # default: 5 seeds, both weightings, 60 fine-tuning steps, element 90/98/99.5%
                                              # (disparse-snip, summed-snip, imp), channel 50/80% of FLOPs
                                              # (disparse-taylor, summed-taylor); about an hour with 2 jobs
-    python benchmarks/quality.py --full      # element 90/95/98/99/99.5%, channel 50/70/80/90% of FLOPs
+    python benchmarks/quality.py --full      # 200 steps, element 90/95/98/99/99.5%, channel 50/70/80/90% of FLOPs
                                              # and of parameters, every method (hours)
     python benchmarks/quality.py --smoke --out /tmp/q.md   # seconds; used by the tests
 
@@ -814,7 +814,7 @@ def main(argv=None):
     ap.add_argument("--methods-channel", nargs="*", default=None)
     ap.add_argument("--dense-steps", type=int, default=1200)
     ap.add_argument("--eval-every", type=int, default=100, help="validation loss every N dense steps (the curve)")
-    ap.add_argument("--finetune-steps", type=int, default=100)
+    ap.add_argument("--finetune-steps", type=int, default=None, help="default 60 (200 with --full)")
     ap.add_argument("--importance-batches", type=int, default=8)
     ap.add_argument("--imp-rounds", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -835,6 +835,7 @@ def main(argv=None):
                     channel_budgets=list(CHANNEL_BUDGETS[::-1]) if full else ["flops"],
                     methods_element=ELEMENT_METHODS if full else DEFAULT_ELEMENT_METHODS,
                     methods_channel=CHANNEL_METHODS if full else DEFAULT_CHANNEL_METHODS)
+    defaults["finetune_steps"] = 200 if full else 60
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
