@@ -26,24 +26,35 @@ no bisection.
 Algorithm and cost (N prunable elements, T units, k = target kept elements):
 
 1. r <= r_hi = k / max_u |D_u| (at r_hi the largest unit alone keeps k), so each unit
-   only needs the exact ranks of its top ``k_u(r_hi) <= k`` elements. Per unit: a
-   two-level radix select (histograms of the score's float32 bits, 15 + 16 bits, via
-   ``torch.bincount``) finds the k_u-th largest score, the hash picks among the
+   only needs the exact ranks of its top ``k_u(r_hi) <= k`` elements. Per unit: one
+   histogram of the score's float32 bits (2**23 buckets, ``torch.bincount``) gives the
+   bucket holding the k_u-th largest score; one pass collects the elements from that
+   bucket up, a ``kthvalue`` among them finds the k_u-th score, the hash picks among the
    elements tied with it, and the k_u selected elements are sorted: O(N_u + k log k).
-2. The union of the T prefixes (at most T*k elements) is reduced to c(e) and the best
-   unit by ``torch.unique`` + ``scatter_reduce``, ordered by (parameter, c, index) with
-   two stable sorts, and r is one ``kthvalue``: O(T k log(T k)).
+2. The union of the T prefixes is one dense table over the flat index (int32 while
+   (T*k + 1) * T < 2**31): each unit scatters (``scatter_reduce`` amin) code * T + u,
+   where code is the rank of its c among all prefix values (the number of prefix
+   entries (v, i) with c_v(i) < c, counted in integers: equal c, equal code; see
+   :func:`_codes`), so the table holds every element's c(e) and its best unit. The
+   union is read back in flat-index order (parameters are contiguous), each parameter's
+   floor is a ``kthvalue`` over its entries (:func:`_in_floor`, one Python step per
+   parameter, no host sync), and r is one ``kthvalue`` over the codes past the floors:
+   O(N + T k), no sort.
 3. Floors beyond the prefixes (a layer that no unit ranks high) choose among a few
-   candidates (per owner, the layer's best not yet chosen). Their ranks are bounded by a
-   histogram of the unit's score bits (2**23 buckets, O(N_u)); exact ranks are counted
-   only for candidates the bounds leave undecided (at the d-th place, or two owners
-   close), by sorting the few elements that share their buckets. Only when such a floor
-   binds. (Counting every candidate exactly, by a binary search of all N_u elements
-   among them, took 48 of decide()'s 72 s on a 3-task resnet50 with deep floors.)
+   candidates (per owner, the layer's best not yet chosen, by the same bucket-then-
+   ``kthvalue`` selection over the parameter). Their ranks are bounded by the unit's
+   histogram from step 1; exact ranks are counted only for candidates the bounds leave
+   undecided (at the d-th place, or two owners close), by sorting the few elements that
+   share their buckets. Only when such a floor binds. (Counting every candidate exactly,
+   by a binary search of all N_u elements among them, took 48 of decide()'s 72 s on a
+   3-task resnet50 with deep floors.)
 
-Everything runs on the scores' device with float32 scores (float64 only for the
-T*k values of c, whose divisions must match ``(rank + 1) / |D_u|`` exactly) and a
-handful of host syncs per unit, none inside loops over parameters or search steps.
+Everything runs on the scores' device with float32 scores and integer codes for c
+(exact: for |D_u|, |D_v| < 2**26, i.e. fewer than 67M elements a unit, the integer order
+of the rationals (i + 1) / |D_v| is the order of their float64 quotients, which the
+returned keep ratio is; beyond that the integers keep two c that float64 would round
+together apart), and a handful of host syncs per unit, none inside loops over
+parameters or search steps.
 Scores are normalised IN PLACE (each unit keeps one score tensor per parameter) and
 become ``Decision.task_scores``.
 
@@ -121,10 +132,11 @@ def decide(
     g_starts = torch.tensor([starts[p] for p in prunable], dtype=torch.int64, device=device)
 
     # 1. Each unit's best-ranked elements (those with c_u <= r_hi), in rank order.
-    orders = [
+    #    Their score histograms (2**23 buckets, from the selection) serve the deep floors.
+    orders, hists = zip(*(
         _top_in_order(normalised[u], domains[u], starts, _count_le(r_hi, sizes[u]), config.seed + ui, device)
         for ui, u in enumerate(units)
-    ]
+    ))
 
     # 2. Their union in one dense table over the flat index: enc(e) = code(e) * T + best(e),
     #    code = the rank of c(e) among all prefix values (equal c, equal code), best = the
@@ -170,10 +182,11 @@ def decide(
     deep = [(p, floors[i] - n) for i, (p, n) in enumerate(zip(prunable, in_union.tolist())) if floors[i] > n]
     if deep and math.isfinite(r):
         idx, who = _deep_floor_extras(deep, uniq, pid, normalised, domains, starts, numel, sizes,
-                                      {p: i for i, p in enumerate(prunable)}, config.seed, device)
+                                      {p: i for i, p in enumerate(prunable)}, config.seed, device, hists)
         extra_idx.append(idx)
         extra_best.append(who)
     extra_idx, extra_best = torch.cat(extra_idx), torch.cat(extra_best)
+    del hists
     del uniq, c, best, pid, kept, extra, in_floor
 
     if math.isfinite(r):
@@ -264,6 +277,7 @@ def _in_floor(c: torch.Tensor, counts: Sequence[int], floors: Sequence[int]) -> 
 
 
 _M32 = 0xFFFFFFFF
+_BUCKET_SHIFT = 8  # buckets of 2**8 consecutive float32 bit patterns: 2**23 buckets for scores >= 0
 
 
 def _seed_word(seed: int) -> int:
@@ -292,10 +306,11 @@ def _keys(s: torch.Tensor, flat_index: torch.Tensor, seed: int) -> torch.Tensor:
     return (s.reshape(-1).view(torch.int32).long() << 32) | _hash32(flat_index, seed)
 
 
-def _top_in_order(parts, dom, starts, k: int, seed: int, device) -> torch.Tensor:
-    """Flat indices of the unit's k best-ranked elements, best first."""
+def _top_in_order(parts, dom, starts, k: int, seed: int, device):
+    """(flat indices of the unit's k best-ranked elements, best first; the histogram of
+    its score bits (:func:`_histogram`), or None where no selection was needed)."""
     if k == 0:
-        return torch.zeros(0, dtype=torch.int64, device=device)
+        return torch.zeros(0, dtype=torch.int64, device=device), None
     s = joined(parts, dom)
     bits = s.view(torch.int32)
     sizes = [parts[p].numel() for p in dom]
@@ -305,46 +320,51 @@ def _top_in_order(parts, dom, starts, k: int, seed: int, device) -> torch.Tensor
     def flat_index(pos):
         return pos + shift[torch.searchsorted(d_starts, pos, right=True) - 1]
 
+    hist = None
     if k >= len(s):
         chosen = torch.arange(len(s), device=device)
     else:
-        chosen = _select(bits, _kth_largest(bits, k), k, lambda pos: _hash32(flat_index(pos), seed))
+        hist = _histogram(bits)
+        b, _ = _bucket_of(hist[1], len(bits), k)  # the bucket holding the k-th largest
+        chosen = _select(bits, b << _BUCKET_SHIFT, k, lambda pos: _hash32(flat_index(pos), seed))
     index = flat_index(chosen)
     key = (bits[chosen].long() << 32) | _hash32(index, seed)
-    return index[torch.argsort(key, descending=True)]
+    return index[torch.argsort(key, descending=True)], hist
 
 
-def _select(bits: torch.Tensor, v, k: int, tie_hash) -> torch.Tensor:
-    """Positions of the k largest ``bits`` (unordered), given v, the k-th largest: all above
-    v, and of those equal to v the ones with the largest ``tie_hash(positions)``."""
-    chosen = (bits >= v).nonzero().squeeze(1)  # one pass: the k best and the rest of the tie
+def _select(bits: torch.Tensor, low, k: int, tie_hash) -> torch.Tensor:
+    """Positions of the k largest ``bits`` (unordered), given ``low`` <= the k-th largest:
+    all above the k-th largest v, and of those equal to v the ones with the largest
+    ``tie_hash(positions)``."""
+    chosen = (bits >= low).nonzero().squeeze(1)  # one pass: the k best and a few more
     if len(chosen) > k:
-        tie = bits[chosen] == v
-        ties = chosen[tie]
-        ties = ties[torch.topk(tie_hash(ties), k - (len(chosen) - len(ties))).indices]
-        chosen = torch.cat([chosen[~tie], ties])
+        vals = bits[chosen]
+        v = torch.kthvalue(vals, len(chosen) - k + 1).values
+        chosen, vals = chosen[vals >= v], vals[vals >= v]
+        if len(chosen) > k:  # ties at v: the largest hashes
+            tie = vals == v
+            ties = chosen[tie]
+            ties = ties[torch.topk(tie_hash(ties), k - (len(chosen) - len(ties))).indices]
+            chosen = torch.cat([chosen[~tie], ties])
     return chosen
 
 
-def _kth_largest(bits: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest of non-negative int32 values: a two-level radix select (15 + 16 bits)."""
-    high = bits >> 16
-    b1, above = _bucket_from_top(torch.bincount(high, minlength=1 << 15), torch.tensor([k], device=bits.device))
-    low = bits[high == b1] & 0xFFFF  # only the bucket holding the k-th
-    del high
-    b2, _ = _bucket_from_top(torch.bincount(low, minlength=1 << 16), k - above)
-    return (b1 << 16) | b2
+def _histogram(bits: torch.Tensor):
+    """(counts, cumulative counts) of non-negative int32 values in buckets of
+    2**_BUCKET_SHIFT consecutive values; int32 when they fit (32 MiB a table)."""
+    kind = torch.int32 if len(bits) < 1 << 31 else torch.int64
+    hist = torch.bincount(bits >> _BUCKET_SHIFT, minlength=1 << (31 - _BUCKET_SHIFT)).to(kind)
+    return hist, torch.cumsum(hist, 0, dtype=kind)
 
 
-def _bucket_from_top(hist: torch.Tensor, k: torch.Tensor):
-    """(the bucket holding the k-th largest value, #values in higher buckets), as tensors."""
-    from_top = hist.flip(0).cumsum(0)
-    j = torch.searchsorted(from_top, k)
-    b = len(hist) - 1 - j
-    return b, from_top[j] - hist[b]
+def _bucket_of(cum: torch.Tensor, n: int, k):
+    """(the bucket holding the k-th largest of n values, #values in higher buckets), as
+    tensors, from the cumulative counts: the first bucket b with cum[b] > n - k."""
+    b = torch.searchsorted(cum, torch.as_tensor(n - k, dtype=cum.dtype, device=cum.device).reshape(1), right=True)
+    return b, n - cum[b].long()
 
 
-def _deep_floor_extras(deep, uniq, pid, normalised, domains, starts, numel, sizes, pid_of, seed, device):
+def _deep_floor_extras(deep, uniq, pid, normalised, domains, starts, numel, sizes, pid_of, seed, device, hists):
     """Floor elements of parameters whose floor exceeds what the units' prefixes hold.
 
     For a parameter p needing d more elements: the d with the smallest c (ties by flat
@@ -372,12 +392,16 @@ def _deep_floor_extras(deep, uniq, pid, normalised, domains, starts, numel, size
         for ui in owners:
             bits = normalised[units[ui]][p].reshape(-1).view(torch.int32).clone()
             bits[local_taken] = -1
-            v = torch.topk(bits, d, sorted=False).values.min()
-            picks.append(_select(bits, v, d, lambda pos: _hash32(pos + lo, seed + ui)))
+            # a lower bound of the d-th largest: 2**15 buckets of the high bits (-1: bucket 0, less them)
+            hist = torch.bincount((bits >> 16).clamp_min_(0), minlength=1 << 15)
+            hist[0] -= len(local_taken)
+            b, _ = _bucket_of(hist.cumsum(0), numel[p] - len(local_taken), d)
+            picks.append(_select(bits, b << 16, d, lambda pos: _hash32(pos + lo, seed + ui)))
         cands[p] = torch.unique(torch.cat(picks)) + lo
         for ui in owners:
             queries.setdefault(ui, []).append(p)
-    counters = {ui: _RankCounter(normalised[units[ui]], domains[units[ui]], starts, seed + ui) for ui in queries}
+    counters = {ui: _RankCounter(normalised[units[ui]], domains[units[ui]], starts, seed + ui, hists[ui])
+                for ui in queries}
 
     def keys_of(p, ui, idx):
         return _keys(normalised[units[ui]][p].reshape(-1)[idx - starts[p]], idx, seed + ui)
@@ -437,7 +461,6 @@ def _deep_floor_extras(deep, uniq, pid, normalised, domains, starts, numel, size
     return torch.cat(out_idx), torch.cat(out_best)
 
 
-_BUCKET_SHIFT = 8  # buckets of 2**8 consecutive float32 bit patterns: 2**23 buckets for scores >= 0
 
 
 class _RankCounter:
@@ -450,23 +473,25 @@ class _RankCounter:
     only the elements that share a bucket with one of its queries.
     """
 
-    def __init__(self, parts: Mapping[str, torch.Tensor], dom: Sequence[str], starts: Mapping[str, int], seed: int):
+    def __init__(self, parts: Mapping[str, torch.Tensor], dom: Sequence[str], starts: Mapping[str, int], seed: int,
+                 hist=None):
         self.seed = seed
         self.bits = joined(parts, dom).view(torch.int32)
-        hist = torch.bincount(self.bits >> _BUCKET_SHIFT, minlength=(1 << (31 - _BUCKET_SHIFT)) + 1)
-        # int32 counts when they fit: 32 MiB a table, held per unit until the extras are chosen
-        count_type = torch.int32 if len(self.bits) < 1 << 31 else torch.int64
-        self.higher = (hist.flip(0).cumsum(0).flip(0) - hist).to(count_type)  # elements in higher buckets
-        self.hist = hist.to(count_type)
-        del hist
+        # counts and cumulative counts, held per unit until the extras are chosen
+        self.hist, self.cum = _histogram(self.bits) if hist is None else hist
         sizes = torch.tensor([parts[p].numel() for p in dom], device=self.bits.device)
         self.d_starts = torch.cumsum(sizes, 0) - sizes
         self.to_flat = torch.tensor([starts[p] for p in dom], device=self.bits.device) - self.d_starts
 
+    def higher(self, b: torch.Tensor) -> torch.Tensor:
+        """#elements in buckets above b."""
+        return len(self.bits) - self.cum[b].long()
+
     def bounds(self, qkeys: torch.Tensor):
         """(lowest, highest) possible rank of each query."""
         b = qkeys >> (_BUCKET_SHIFT + 32)
-        return self.higher[b].long(), self.higher[b].long() + self.hist[b] - 1
+        higher = self.higher(b)
+        return higher, higher + self.hist[b] - 1
 
     def exact(self, qkeys: torch.Tensor) -> torch.Tensor:
         shift = _BUCKET_SHIFT + 32
@@ -479,7 +504,7 @@ class _RankCounter:
         # near keys greater than q, less those in buckets above q's (counted in `higher`)
         greater = torch.searchsorted(near_sorted, (qbucket + 1) << shift) - torch.searchsorted(
             near_sorted, qkeys, right=True)
-        return self.higher[qbucket].long() + greater
+        return self.higher(qbucket) + greater
 
 
 def _rank_descending(s: torch.Tensor, seed: int) -> torch.Tensor:
