@@ -262,13 +262,17 @@ def _erk_random_masks_(result, dense, sparsity: float, seed: int) -> None:
 
 @torch.no_grad()
 def _effective_dense(setup: Setup, result) -> torch.nn.Module:
-    """A copy of the dense model holding the masked model's effective weights (w * mask)."""
+    """A copy of the dense model holding the masked model's effective weights (w * mask) and
+    its buffers (the fine-tuned BatchNorm statistics)."""
     model = copy.deepcopy(setup.dense)
-    bufs = masked_params(result.model)
+    masks = masked_params(result.model)
     own = dict(model.named_parameters())
     for n, q in result.model.named_parameters():
-        if n in own:
-            own[n].copy_(q * bufs[n] if n in bufs else q)
+        own[n].copy_(q * masks[n] if n in masks else q)
+    own_buffers = dict(model.named_buffers())
+    for n, b in result.model.named_buffers():
+        if n in own_buffers:
+            own_buffers[n].copy_(b)
     return model
 
 
