@@ -245,16 +245,22 @@ def _count_le(r: float, n: int) -> int:
 def _codes(ui: int, lens: Sequence[int], sizes: Sequence[int], device) -> torch.Tensor:
     """code of unit ui's j-th prefix entry, c = (j + 1) / n_ui: the number of prefix entries
     (v, i), i < lens[v], of all units with c_v(i) < c, compared exactly in integers:
-    #{i : (i + 1) / n_v < (j + 1) / n_u} = ((j + 1) * n_v - 1) // n_u (equal c, equal code)."""
+    #{i : (i + 1) / n_v < (j + 1) / n_u} = ((j + 1) * n_v - 1) // n_u (equal c, equal code).
+    In float64 while (j + 1) * n_v < 2**52: the numerator is exact and the quotient's
+    rounding (relative 2**-53) cannot cross an integer, whose distance is >= 1 / n_u."""
     n_u = sizes[ui]
-    a = torch.arange(1, lens[ui] + 1, dtype=torch.int64, device=device)
-    code = torch.zeros(lens[ui], dtype=torch.int64, device=device)
-    for v, (k_v, n_v) in enumerate(zip(lens, sizes)):
+    exact_float = lens[ui] * max(sizes) < 1 << 52
+    kind = torch.float64 if exact_float else torch.int64
+    a = torch.arange(1, lens[ui] + 1, dtype=kind, device=device)
+    code = torch.zeros(lens[ui], dtype=kind, device=device)
+    for k_v, n_v in zip(lens, sizes):
         if n_v == n_u:
             code += torch.clamp_max(a - 1, k_v)
+        elif exact_float:
+            code += torch.floor_((a * n_v - 1) / n_u).clamp_max_(k_v)
         else:
             code += torch.clamp_max((a * n_v - 1) // n_u, k_v)
-    return code
+    return code.long()
 
 
 def _in_floor(c: torch.Tensor, counts: Sequence[int], floors: Sequence[int]) -> torch.Tensor:
