@@ -113,7 +113,8 @@ def test_demo_spread_smoke(tmp_path, monkeypatch):
     _check(_run("demo_spread.py", "--smoke", "--seeds", "3", "--out", str(out)))
     text = out.read_text()
     _header_ok(text)
-    assert "| 3      | slim " in text and "(dense trained)" in text and "Delta_T over seeds [3]" in text
+    assert "| 3      | slim (DiSparse) " in text and "| 3      | dense + same fine-tuning " in text
+    assert "(dense trained)" in text and "slim Delta_T vs dense over seeds [3]" in text
 
 
 def test_gpu_smoke_falls_back_to_cpu(tmp_path):

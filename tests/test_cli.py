@@ -17,11 +17,12 @@ def test_demo_fast_mode(capsys, tmp_path, monkeypatch):
     assert main(["demo", "--fast", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     for row in ("parameters", "FLOPs / image", "CPU latency, onnxruntime, batch 8", "segment miou", "Delta_T",
-                "graph.svg", "report.md"):
+                "dense + same fine-tuning", "pruning's own cost", "graph.svg", "report.md"):
         assert row in out
     assert (tmp_path / "demo" / "slim.onnx").exists() and (tmp_path / "demo" / "summary.md").exists()
     saved = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert saved["seed"] == 0 and set(saved["metrics"]["slim"]) == {"edge", "keypoint", "segment", "denoise"}
+    assert set(saved["metrics"]) == {"dense", "slim", "dense_finetuned"} and "delta_t_vs_dense_finetuned" in saved
     assert saved["params"]["slim"] < saved["params"]["dense"] and saved["flops"]["slim"] < saved["flops"]["dense"]
     photos = [line for line in out.splitlines() if "test photographs" in line]
     # the second run loads the cached dense checkpoint instead of training again
