@@ -27,7 +27,7 @@ Algorithm and cost (N prunable elements, T units, k = target kept elements):
 
 1. r <= r_hi = k / max_u |D_u| (at r_hi the largest unit alone keeps k), so each unit
    only needs the exact ranks of its top ``k_u(r_hi) <= k`` elements. Per unit: one
-   histogram of the score's float32 bits (2**23 buckets, ``torch.bincount``) gives the
+   histogram of the score's float32 bits (up to 2**23 buckets, ``torch.bincount``) gives the
    bucket holding the k_u-th largest score; one pass collects the elements from that
    bucket up, a ``kthvalue`` among them finds the k_u-th score, the hash picks among the
    elements tied with it, and the k_u selected elements are sorted: O(N_u + k log k).
@@ -58,17 +58,23 @@ parameters or search steps.
 Scores are normalised IN PLACE (each unit keeps one score tensor per parameter) and
 become ``Decision.task_scores``.
 
-Compared with the previous implementation (full argsort of every domain, randperm tie
-order, bisection with per-parameter sorts): the masks are identical wherever the scores
+Compared with the implementation before (ac93687: the union by ``torch.unique`` and two
+argsorts, a 15 + 16-bit radix select, deep-floor candidates by int64 keys and ``topk`` over
+whole parameters, a second 2**23-bucket histogram per unit): identical masks, task masks and
+keep ratio (``benchmarks/decision_parity.py --rev ac93687``) on all 8 zoo and 11 cnn_zoo
+models (snip and random), the 3-task resnet18 trunk (snip, random) and the scores of the
+3- and 5-task resnet50 trunk of ``benchmarks/compress_cost.py`` (2 batches, 90% element).
+decide() on the resnet50 scores, same process, on this 2-core machine while other work
+ran (load 5-7): 27.3 -> 12.2 s (3 tasks), 47.3 -> 25.7 s (5 tasks); unloaded (3 tasks,
+first half of the change) 16.0 -> 10.0 s. Large gathers use ``index_select`` (5x faster
+than advanced indexing on CPU) and ``index_fill_``.
+
+The implementation before that (full argsort of every domain, randperm tie order,
+bisection with per-parameter sorts; 75e2af8~1) gave identical masks wherever the scores
 have no ties; with ties the tied elements are chosen in a different (hash) order, the
-counts being the same. Measured with ``benchmarks/decision_parity.py`` (90% element,
-previous = 75e2af8~1): identical final and task masks and keep ratio on all 8 zoo and
-11 cnn_zoo models (snip and random); 3-task torchvision resnet18 trunk (64 px, 2x2
-batches): final masks differ in 0 (snip) and 2 (random) of 11,758,656 elements, the keep
-ratio and per-task counts move slightly (tie order and the normalising sum's rounding:
-random scores are float32 draws on a 2**-24 grid, so ties are common). decide() there
-took 16.2 s (snip) / 22.0 s (random) against 72.7 s / 64.1 s before, on a loaded
-2-core machine.
+counts being the same: on the 3-task resnet18 trunk (64 px, 2x2 batches) final masks
+differed in 0 (snip) and 2 (random) of 11,758,656 elements, and decide() took 16.2 s
+(snip) / 22.0 s (random) against 72.7 s / 64.1 s.
 """
 from __future__ import annotations
 
@@ -132,7 +138,7 @@ def decide(
     g_starts = torch.tensor([starts[p] for p in prunable], dtype=torch.int64, device=device)
 
     # 1. Each unit's best-ranked elements (those with c_u <= r_hi), in rank order.
-    #    Their score histograms (2**23 buckets, from the selection) serve the deep floors.
+    #    Their score histograms (up to 2**23 buckets, from the selection) serve the deep floors.
     orders, hists = zip(*(
         _top_in_order(normalised[u], domains[u], starts, _count_le(r_hi, sizes[u]), config.seed + ui, device)
         for ui, u in enumerate(units)
@@ -150,7 +156,7 @@ def decide(
     for ui, (o, code) in enumerate(zip(orders, codes)):
         enc.scatter_reduce_(0, o, (code * n_units + ui).to(enc.dtype), "amin")
     uniq = (enc != inf).nonzero().squeeze(1)  # the union, by flat index
-    e = enc[uniq].long()
+    e = enc.index_select(0, uniq).long()  # (index_select: a plain gather, several times faster on CPU)
     c, best = e // n_units, e % n_units
     del e
     pid = torch.searchsorted(g_starts, uniq, right=True) - 1
@@ -191,7 +197,7 @@ def decide(
 
     if math.isfinite(r):
         flat = enc <= r_code * n_units + n_units - 1  # code <= r_code
-        flat[extra_idx] = True
+        flat.index_fill_(0, extra_idx, True)
     else:
         flat = torch.ones(total, dtype=torch.bool, device=device)
     del enc
@@ -202,8 +208,8 @@ def decide(
         for ui, u in enumerate(units):
             kept_u = torch.zeros(total, dtype=torch.bool, device=device)
             m_u = lens[ui] if r_code is None else int(torch.searchsorted(codes[ui], r_code, right=True))
-            kept_u[orders[ui][:m_u]] = True
-            kept_u[extra_idx[extra_best == ui]] = True
+            kept_u.index_fill_(0, orders[ui][:m_u], True)
+            kept_u.index_fill_(0, extra_idx[extra_best == ui], True)
             task_masks[u] = {p: kept_u[starts[p]:starts[p] + numel[p]].view(shapes[p]).clone() for p in domains[u]}
             del kept_u
         task_scores = normalised
@@ -283,7 +289,7 @@ def _in_floor(c: torch.Tensor, counts: Sequence[int], floors: Sequence[int]) -> 
 
 
 _M32 = 0xFFFFFFFF
-_BUCKET_SHIFT = 8  # buckets of 2**8 consecutive float32 bit patterns: 2**23 buckets for scores >= 0
+_MAX_BUCKET_BITS = 23  # at most 2**23 buckets of 2**8 consecutive float32 bit patterns (scores >= 0)
 
 
 def _seed_word(seed: int) -> int:
@@ -332,10 +338,10 @@ def _top_in_order(parts, dom, starts, k: int, seed: int, device):
     else:
         hist = _histogram(bits)
         b, _ = _bucket_of(hist[1], len(bits), k)  # the bucket holding the k-th largest
-        chosen = _select(bits, b << _BUCKET_SHIFT, k, lambda pos: _hash32(flat_index(pos), seed))
+        chosen = _select(bits, b << hist[2], k, lambda pos: _hash32(flat_index(pos), seed))
     index = flat_index(chosen)
-    key = (bits[chosen].long() << 32) | _hash32(index, seed)
-    return index[torch.argsort(key, descending=True)], hist
+    key = (bits.index_select(0, chosen).long() << 32) | _hash32(index, seed)
+    return index.index_select(0, torch.argsort(-key)), hist  # keys are distinct; ascending sorts run faster
 
 
 def _select(bits: torch.Tensor, low, k: int, tie_hash) -> torch.Tensor:
@@ -344,7 +350,7 @@ def _select(bits: torch.Tensor, low, k: int, tie_hash) -> torch.Tensor:
     ``tie_hash(positions)``."""
     chosen = (bits >= low).nonzero().squeeze(1)  # one pass: the k best and a few more
     if len(chosen) > k:
-        vals = bits[chosen]
+        vals = bits.index_select(0, chosen)
         v = torch.kthvalue(vals, len(chosen) - k + 1).values
         chosen, vals = chosen[vals >= v], vals[vals >= v]
         if len(chosen) > k:  # ties at v: the largest hashes
@@ -356,11 +362,14 @@ def _select(bits: torch.Tensor, low, k: int, tie_hash) -> torch.Tensor:
 
 
 def _histogram(bits: torch.Tensor):
-    """(counts, cumulative counts) of non-negative int32 values in buckets of
-    2**_BUCKET_SHIFT consecutive values; int32 when they fit (32 MiB a table)."""
+    """(counts, cumulative counts, shift) of non-negative int32 values in buckets of
+    2**shift consecutive values: 2**min(23, bit length of n) buckets for n values (a
+    fixed cost that stays small for small domains), int32 counts when they fit (32 MiB a
+    table at most)."""
+    shift = 31 - min(_MAX_BUCKET_BITS, max(8, len(bits).bit_length()))
     kind = torch.int32 if len(bits) < 1 << 31 else torch.int64
-    hist = torch.bincount(bits >> _BUCKET_SHIFT, minlength=1 << (31 - _BUCKET_SHIFT)).to(kind)
-    return hist, torch.cumsum(hist, 0, dtype=kind)
+    hist = torch.bincount(bits >> shift, minlength=1 << (31 - shift)).to(kind)
+    return hist, torch.cumsum(hist, 0, dtype=kind), shift
 
 
 def _bucket_of(cum: torch.Tensor, n: int, k):
@@ -397,7 +406,7 @@ def _deep_floor_extras(deep, uniq, pid, normalised, domains, starts, numel, size
         picks = []
         for ui in owners:
             bits = normalised[units[ui]][p].reshape(-1).view(torch.int32).clone()
-            bits[local_taken] = -1
+            bits.index_fill_(0, local_taken, -1)
             # a lower bound of the d-th largest: 2**15 buckets of the high bits (-1: bucket 0, less them)
             hist = torch.bincount((bits >> 16).clamp_min_(0), minlength=1 << 15)
             hist[0] -= len(local_taken)
@@ -473,7 +482,7 @@ class _RankCounter:
     """Ranks in one unit's domain, rank(q) = #{f in the domain : key(f) > q}, for keys q of
     elements of the domain.
 
-    A histogram of the scores' bit patterns (2**23 buckets, a relative width of 3e-5 of
+    A histogram of the scores' bit patterns (up to 2**23 buckets, a relative width of 3e-5 of
     the score) bounds every rank at once: the elements in higher buckets come first, the
     others of q's bucket may or may not (:meth:`bounds`, O(N) once). :meth:`exact` sorts
     only the elements that share a bucket with one of its queries.
@@ -484,7 +493,7 @@ class _RankCounter:
         self.seed = seed
         self.bits = joined(parts, dom).view(torch.int32)
         # counts and cumulative counts, held per unit until the extras are chosen
-        self.hist, self.cum = _histogram(self.bits) if hist is None else hist
+        self.hist, self.cum, self.shift = _histogram(self.bits) if hist is None else hist
         sizes = torch.tensor([parts[p].numel() for p in dom], device=self.bits.device)
         self.d_starts = torch.cumsum(sizes, 0) - sizes
         self.to_flat = torch.tensor([starts[p] for p in dom], device=self.bits.device) - self.d_starts
@@ -495,18 +504,18 @@ class _RankCounter:
 
     def bounds(self, qkeys: torch.Tensor):
         """(lowest, highest) possible rank of each query."""
-        b = qkeys >> (_BUCKET_SHIFT + 32)
+        b = qkeys >> (self.shift + 32)
         higher = self.higher(b)
         return higher, higher + self.hist[b] - 1
 
     def exact(self, qkeys: torch.Tensor) -> torch.Tensor:
-        shift = _BUCKET_SHIFT + 32
+        shift = self.shift + 32
         qbucket = qkeys >> shift
         is_query_bucket = torch.zeros(len(self.hist), dtype=torch.bool, device=qkeys.device)
         is_query_bucket[qbucket] = True
-        near = is_query_bucket[self.bits >> _BUCKET_SHIFT].nonzero().squeeze(1)
+        near = is_query_bucket.index_select(0, self.bits >> self.shift).nonzero().squeeze(1)
         flat = near + self.to_flat[torch.searchsorted(self.d_starts, near, right=True) - 1]
-        near_sorted = torch.sort((self.bits[near].long() << 32) | _hash32(flat, self.seed)).values
+        near_sorted = torch.sort((self.bits.index_select(0, near).long() << 32) | _hash32(flat, self.seed)).values
         # near keys greater than q, less those in buckets above q's (counted in `higher`)
         greater = torch.searchsorted(near_sorted, (qbucket + 1) << shift) - torch.searchsorted(
             near_sorted, qkeys, right=True)
