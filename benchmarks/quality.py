@@ -229,9 +229,11 @@ def run_compress(setup: Setup, method: str, granularity: str, sparsity: float, s
         family, criterion = "summed", "magnitude"
     else:
         family, criterion = method.split("-", 1)
+    # the default per-layer floor (1% kept) cannot hold above 99% sparsity: half of what is kept
+    floor = min(dfx.CompressConfig.min_layer_density, (1.0 - sparsity) / 2)
     config = dfx.CompressConfig(sparsity=sparsity, criterion=criterion, disentangle=(family == "disparse"),
                                 granularity=granularity, num_batches=setup.args.importance_batches, seed=seed,
-                                allow_fewer_batches=True, progress=False, budget=budget)
+                                allow_fewer_batches=True, progress=False, budget=budget, min_layer_density=floor)
     result = dfx.compress(setup.dense if model is None else model, setup.losses, setup.importance_batches(seed),
                           config)
     if method == "erk-random":
@@ -791,7 +793,10 @@ def _prepare(weighting: str) -> float:
 def _job(job: tuple) -> dict:
     weighting, gran, budget, sp, method, seed = job
     t0 = time.perf_counter()
-    r = one_run(_setup(weighting), "element" if gran == "none" else gran, sp, method, seed, budget)
+    try:
+        r = one_run(_setup(weighting), "element" if gran == "none" else gran, sp, method, seed, budget)
+    except Exception as exc:  # noqa: BLE001 - one failed run must not lose the sweep: reported, not stored
+        return dict(job=list(job), error=f"{type(exc).__name__}: {exc}")
     r["granularity"] = gran
     r["seconds"] = time.perf_counter() - t0
     return r
@@ -876,6 +881,7 @@ def main(argv=None):
             jobs += [(w, "channel", b, sp, m, seed) for sp in args.channel for b in args.channel_budgets
                      for m in args.methods_channel]
     missing = [j for j in jobs if j not in done]
+    failed: List[dict] = []
     _worker_init(args)
     if args.report_only:
         if missing:
@@ -899,6 +905,10 @@ def main(argv=None):
             futures = {pool.submit(_job, j): j for j in missing}
             for i, fut in enumerate(concurrent.futures.as_completed(futures)):
                 r = fut.result()
+                if "error" in r:
+                    failed.append(r)
+                    print(f"[{i + 1}/{len(missing)}] FAILED {r['job']}: {r['error']}", flush=True)
+                    continue
                 runs.append(r)
                 save()
                 flops = f", FLOPs removed {r['flops_removed']:.3f}" if r.get("flops_removed") is not None else ""
@@ -907,6 +917,8 @@ def main(argv=None):
                       f"{' ' + _budget(r) if r['granularity'] == 'channel' else ''} {r['sparsity']} {r['method']} "
                       f"seed {r['seed']}: Delta_T {dt}, sparsity {r['achieved_sparsity']:.3f}{flops}, "
                       f"{r['seconds']:.0f} s (total {time.perf_counter() - t_all:.0f} s)", flush=True)
+    for f in failed:
+        skipped[f"run {' '.join(map(str, f['job']))}"] = f"FAILED: {f['error']}"
     setups = {w: _setup(w) for w in args.weightings}
     text = report(setups, runs, args, started, skipped)
     if out is not None:
