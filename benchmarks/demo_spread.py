@@ -33,9 +33,10 @@ import _common  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_demo(seed: int, folder: pathlib.Path, fast: bool) -> dict:
+def run_demo(seed: int, folder: pathlib.Path, fast: bool, extra=()) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "disparse_fx", "demo", "--seed", str(seed), "--out", str(folder), "--threads", "1"]
+    cmd = [sys.executable, "-m", "disparse_fx", "demo", "--seed", str(seed), "--out", str(folder), "--threads", "1",
+           *extra]
     if fast:
         cmd.append("--fast")
     t0 = time.perf_counter()
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="demo --fast, 2 seeds")
+    ap.add_argument("--finetune-steps", type=int, default=None, help="passed to the demo (default: the demo's)")
     ap.add_argument("--out", type=pathlib.Path, default=None)
     args = ap.parse_args(argv)
     _common.set_threads(1)  # the demos run in child processes with --threads 1
@@ -69,7 +71,9 @@ def main(argv=None) -> int:
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     with tempfile.TemporaryDirectory() as tmp:
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            results = list(pool.map(lambda s: run_demo(s, pathlib.Path(tmp) / f"seed{s}", args.smoke), args.seeds))
+            extra = ("--finetune-steps", str(args.finetune_steps)) if args.finetune_steps else ()
+            results = list(pool.map(lambda s: run_demo(s, pathlib.Path(tmp) / f"seed{s}", args.smoke, extra),
+                                    args.seeds))
     tasks = list(results[0]["metrics"]["dense"])
     def fmt(v):
         return "n/a" if v is None else f"{v:+.2f}"
