@@ -653,9 +653,11 @@ def _x_of(runs: List[dict], gran: str) -> float:
     return runs[0]["sparsity"]
 
 
-def _xscale(ax, gran: str) -> None:
+def _xscale(ax, gran: str, ticks: Sequence[float] = ()) -> None:
     if gran == "element":  # 90 .. 99.5%: spread the high end (log of the density)
         ax.set_xscale("function", functions=(lambda x: -_log10(100 - x), lambda y: 100 - 10 ** (-y)))
+        if ticks:  # one tick per swept sparsity (the default locator crowds 90..98)
+            ax.set_xticks([100 * t for t in ticks], [f"{100 * t:g}" for t in ticks])
 
 
 def _log10(v):
@@ -701,7 +703,7 @@ def plot(runs: List[dict], args, path: pathlib.Path) -> None:
                         ax.fill_between(xs, los, his, color=line.get_color(), alpha=0.15, lw=0)
             ax.axhline(0, color="k", lw=0.6)
             ax.axhline(LOSS_THRESHOLD, color="grey", lw=0.6, ls=":")
-            _xscale(ax, gran)
+            _xscale(ax, gran, args.element)
             ax.set_title(f"'{weighting}' weights, {gran} granularity")
             ax.set_xlabel("FLOPs per sample removed (%)" if gran == "channel" else "weights removed (%)")
             ax.set_ylabel("Delta_T vs dense (%), mean and 95% CI")
@@ -742,7 +744,7 @@ def plot_tasks(runs: List[dict], args, path: pathlib.Path) -> None:
                     ax.plot(*zip(*pts), "-" if method.startswith("disparse") else "--", marker="o", ms=3, lw=1.2,
                             label=method)
             ax.axhline(0, color="k", lw=0.6)
-            _xscale(ax, gran)
+            _xscale(ax, gran, args.element)
             ax.set_title(f"{task} ('{weighting}', {gran})", fontsize=9)
             ax.grid(alpha=0.3)
             if j == 0:
