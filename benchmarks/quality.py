@@ -361,7 +361,6 @@ def one_run(setup: Setup, granularity: str, sparsity: float, method: str, seed: 
     args = setup.args
     t0 = time.perf_counter()
     extra: dict = {}
-    t_ft = 0.0
     if method == "dense+finetune":
         model = copy.deepcopy(setup.dense)
         trainable, achieved = model, 0.0
@@ -483,6 +482,20 @@ def _methods(args, gran: str) -> List[str]:
     return args.methods_channel if gran == "channel" else args.methods_element
 
 
+#: The issue's goal is judged at these sparsities and above.
+GOAL_SPARSITY = {"element": 0.98, "channel": 0.8}
+
+
+def _decides_goal(gran: str, sp: float) -> bool:
+    return gran in GOAL_SPARSITY and sp >= GOAL_SPARSITY[gran]
+
+
+def _ours_and_theirs(args, gran: str, cell: List[dict]) -> Tuple[List[str], List[str]]:
+    """The DiSparse methods and the baselines with runs in ``cell``, in --methods order."""
+    ran = [m for m in _methods(args, gran) if any(r["method"] == m for r in cell)]
+    return [m for m in ran if m.startswith("disparse")], [m for m in ran if not m.startswith("disparse")]
+
+
 def _summary(runs: List[dict], args) -> Tuple[str, List[str]]:
     """The paired comparison tables (one row per setting) and the findings' lines."""
     text, findings = "", []
@@ -490,9 +503,7 @@ def _summary(runs: List[dict], args) -> Tuple[str, List[str]]:
         rows = []
         for gran, budget, sp in _settings(args):
             cell = _cell(runs, weighting, gran, budget, sp)
-            ours = [m for m in _methods(args, gran) if m.startswith("disparse") and any(r["method"] == m for r in cell)]
-            theirs = [m for m in _methods(args, gran) if not m.startswith("disparse")
-                      and any(r["method"] == m for r in cell)]
+            ours, theirs = _ours_and_theirs(args, gran, cell)
             for o in ours:
                 for b in theirs:
                     p = paired(cell, o, b)
@@ -532,12 +543,10 @@ def _goal(runs: List[dict], args) -> List[str]:
     lines = []
     for weighting in args.weightings:
         for gran, budget, sp in _settings(args):
-            if (gran == "element" and sp < 0.98) or (gran == "channel" and sp < 0.8):
+            if not _decides_goal(gran, sp):
                 continue
             cell = _cell(runs, weighting, gran, budget, sp)
-            ours = [m for m in _methods(args, gran) if m.startswith("disparse") and any(r["method"] == m for r in cell)]
-            theirs = [m for m in _methods(args, gran) if not m.startswith("disparse")
-                      and any(r["method"] == m for r in cell)]
+            ours, theirs = _ours_and_theirs(args, gran, cell)
             if not ours or not theirs:
                 continue
             winners = [o for o in ours if all((p := paired(cell, o, b)) is not None and p[1] > 0 for b in theirs)]
@@ -884,8 +893,7 @@ def main(argv=None):
                      for m in args.methods_channel]
     # the goal's settings (>= 98% element, >= 80% channel) for every seed first, then the rest of
     # the curve: a sweep cut short by its time still has every seed of the settings that decide
-    jobs.sort(key=lambda j: (not (j[1] == "none" or (j[1] == "element" and j[3] >= 0.98)
-                                  or (j[1] == "channel" and j[3] >= 0.8)), j[5]))
+    jobs.sort(key=lambda j: (not (j[1] == "none" or _decides_goal(j[1], j[3])), j[5]))
     missing = [j for j in jobs if j not in done]
     failed: List[dict] = []
     _worker_init(args)
