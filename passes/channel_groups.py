@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -292,56 +293,71 @@ class _Atoms:
     Rules unify whole vectors of atoms at a time, so unions are kept as pending edge
     vectors and merged in bulk (label propagation with pointer jumping over the classes
     they touch) only when classes are read: :meth:`resolve` and :meth:`roots`. Every
-    class is represented by its smallest atom.
+    class is represented by its smallest atom. The bookkeeping is numpy: these are many
+    small integer operations, which torch's dispatcher and thread pool make slower.
     """
 
     __slots__ = ("count", "_root", "_ea", "_eb")
 
     def __init__(self):
         self.count = 0
-        self._root = torch.empty(0, dtype=torch.long)  # smallest atom of each atom's class
-        self._ea: List[torch.Tensor] = []
-        self._eb: List[torch.Tensor] = []
+        self._root = np.empty(0, dtype=np.int64)  # smallest atom of each atom's class
+        self._ea: List[np.ndarray] = []
+        self._eb: List[np.ndarray] = []
 
     def add(self, n: int) -> int:
         start = self.count
         self.count += n
         return start
 
-    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        self._ea.append(a.reshape(-1))
-        self._eb.append(b.reshape(-1))
+    def union(self, a: Any, b: Any) -> None:
+        self._ea.append(_np(a).reshape(-1))
+        self._eb.append(_np(b).reshape(-1))
 
-    def roots(self) -> torch.Tensor:
+    def roots(self) -> np.ndarray:
         """The representative (smallest atom) of every atom's class."""
         root = self._root
-        if root.numel() < self.count:
-            root = self._root = torch.cat([root, torch.arange(root.numel(), self.count, dtype=torch.long)])
+        if root.size < self.count:
+            root = self._root = np.concatenate([root, np.arange(root.size, self.count, dtype=np.int64)])
         if self._ea:
-            ea, eb = root[torch.cat(self._ea)], root[torch.cat(self._eb)]
+            ea, eb = root[np.concatenate(self._ea)], root[np.concatenate(self._eb)]
             self._ea, self._eb = [], []
             keep = ea != eb
             ea, eb = ea[keep], eb[keep]
-            if ea.numel():
-                # the classes these edges touch, numbered 0..k-1; label = smallest root
-                nodes, inv = torch.unique(torch.cat([ea, eb]), return_inverse=True)
-                ia, ib = inv[:ea.numel()], inv[ea.numel():]
-                lab = torch.arange(nodes.numel(), dtype=torch.long)
+            if ea.size:
+                # label propagation over the roots: every root's label is the smallest root
+                # it is joined to; labels only point to smaller roots of the same class
+                lab = np.arange(self.count, dtype=np.int64)
                 while True:
-                    m = torch.minimum(lab[ia], lab[ib])
-                    new = lab.scatter_reduce(0, ia, m, "amin").scatter_reduce_(0, ib, m, "amin")
-                    new = new[new]  # pointer jumping: labels only point to smaller, same-class ones
-                    if torch.equal(new, lab):
+                    m = np.minimum(lab[ea], lab[eb])
+                    new = lab.copy()
+                    np.minimum.at(new, ea, m)
+                    np.minimum.at(new, eb, m)
+                    new = new[new]  # pointer jumping
+                    if np.array_equal(new, lab):
                         break
                     lab = new
-                # nodes are sorted, so the smallest index is the smallest root
-                remap = torch.arange(self.count, dtype=torch.long)
-                remap[nodes] = nodes[lab]
-                root = self._root = remap[root]
+                root = self._root = lab[root]
         return root
 
     def resolve(self, atoms: torch.Tensor) -> torch.Tensor:
-        return self.roots()[atoms]
+        return torch.from_numpy(self.roots()[_np(atoms)])
+
+
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    """``np.unique(a)`` for a 1-d int array; ``a`` itself when it is already increasing
+    (the common case: a vector of fresh atoms' channels)."""
+    if a.size < 2 or bool((a[1:] > a[:-1]).all()):
+        return a
+    s = np.sort(a)
+    return s[np.concatenate(([True], s[1:] != s[:-1]))]
+
+
+def _np(atoms: Any) -> np.ndarray:
+    """An atom vector as an int64 numpy array (a view of a CPU tensor's memory)."""
+    if isinstance(atoms, torch.Tensor):
+        return atoms.detach().numpy()
+    return np.asarray(atoms, dtype=np.int64)
 
 
 class RuleContext:
@@ -884,12 +900,12 @@ class _Analysis(fx.Interpreter):
         root = self.atoms.roots()
         # channels of one vector (a conv's outputs ...) form one group: link the roots.
         # Every atom comes from one source (a fresh() call), in order.
-        starts = torch.tensor([s[0] for s in self.sources], dtype=torch.long)
-        counts = torch.tensor([s[1] for s in self.sources], dtype=torch.long)
-        links = torch.tensor([bool(s[2]) for s in self.sources], dtype=torch.bool)
-        src = torch.repeat_interleave(torch.arange(len(self.sources)), counts)
+        starts = np.array([s[0] for s in self.sources], dtype=np.int64)
+        counts = np.array([s[1] for s in self.sources], dtype=np.int64)
+        links = np.array([bool(s[2]) for s in self.sources], dtype=bool)
+        src = np.repeat(np.arange(len(self.sources), dtype=np.int64), counts)
         linked_atom = links[src]
-        linked = torch.zeros(n_atoms, dtype=torch.bool)
+        linked = np.zeros(n_atoms, dtype=bool)
         linked[root[linked_atom]] = True
         comp = _Atoms()
         comp.add(n_atoms)
@@ -898,40 +914,50 @@ class _Analysis(fx.Interpreter):
         # any other source: the roots no linked source took, together
         free = ~linked_atom & ~linked[root]
         free_root, free_src = root[free], src[free]
-        first = torch.full((len(self.sources),), n_atoms, dtype=torch.long)
-        first.scatter_reduce_(0, free_src, free_root, "amin")
+        first = np.full(len(self.sources), n_atoms, dtype=np.int64)
+        np.minimum.at(first, free_src, free_root)
         comp.union(first[free_src], free_root)
         comp_root = comp.roots()  # the smallest root of each root's component
-        roots = root.unique()  # sorted; a root is its class's smallest atom
+        roots = np.unique(root)  # sorted; a root is its class's smallest atom
         # groups in the order of their smallest root, channels in creation order
         comp_of = comp_root[roots]
-        order = torch.argsort(comp_of * max(n_atoms, 1) + roots)
-        gid_of_root = torch.full((n_atoms,), -1, dtype=torch.long)
-        gid_of_root[roots[order]] = torch.arange(roots.numel())
-        _, group_t, size_t = torch.unique_consecutive(comp_of[order], return_inverse=True, return_counts=True)
+        order = np.argsort(comp_of * max(n_atoms, 1) + roots, kind="stable")
+        gid_of_root = np.full(n_atoms, -1, dtype=np.int64)
+        gid_of_root[roots[order]] = np.arange(roots.size, dtype=np.int64)
+        sorted_comp = comp_of[order]
+        starts_of_group = np.flatnonzero(np.concatenate([[True], sorted_comp[1:] != sorted_comp[:-1]])) \
+            if sorted_comp.size else np.empty(0, dtype=np.int64)
+        size_t = np.diff(np.append(starts_of_group, sorted_comp.size))
+        group_t = np.repeat(np.arange(size_t.size, dtype=np.int64), size_t)  # group of each channel
         sizes = size_t.tolist()
-        offsets = (torch.cumsum(size_t, 0) - size_t).tolist()
+        offsets = starts_of_group.tolist()
         gid_of_atom = gid_of_root[root]
         num_groups = len(sizes)
 
-        def gids(lab: torch.Tensor) -> torch.Tensor:
-            return gid_of_atom[lab]
+        def gids(lab: Any) -> np.ndarray:
+            return gid_of_atom[_np(lab)]
+
+        def groups_of(gl: np.ndarray) -> List[int]:
+            """The groups of channels ``gl``, in increasing order."""
+            grp = group_t[gl]
+            if grp.size and grp.min() == grp.max():
+                return [int(grp[0])]
+            return _sorted_unique(grp).tolist()
 
         # members
         members: List[List[GroupMember]] = [[] for _ in range(num_groups)]
         for (name, dim), lab in self.members.items():
             gl = gids(lab)
-            grp = group_t[gl]
-            in_groups = grp.unique().tolist()
+            in_groups = groups_of(gl)
             for g in in_groups:
                 index = gl - offsets[g]
                 if len(in_groups) > 1:
-                    index = torch.where(grp == g, index, -1)
-                members[g].append(GroupMember(name, dim, index, name in self.buffer_names))
+                    index = np.where(group_t[gl] == g, index, -1)
+                members[g].append(GroupMember(name, dim, torch.from_numpy(index), name in self.buffer_names))
         # removability
         reasons: Dict[int, str] = {}
         for lab, why in self.pins:
-            for g in group_t[gids(lab)].unique().tolist():
+            for g in groups_of(gids(lab)):
                 reasons.setdefault(g, why)
         if prunable is not None:
             for g in range(num_groups):
@@ -953,13 +979,13 @@ class _Analysis(fx.Interpreter):
 
         known: Dict[int, Tuple[torch.Tensor, torch.Tensor, List[int]]] = {}  # id(atoms) -> their channels
 
-        def channels(lab: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+        def channels(lab: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
             hit = known.get(id(lab))
             if hit is None or hit[0] is not lab:  # one atom vector is shared by many nodes
                 gl = gids(lab)
-                u = gl.unique()
+                u = _sorted_unique(gl)
                 pieces.setdefault(tuple(u.tolist()), None)
-                hit = known[id(lab)] = (lab, gl, group_t[u].unique().tolist())
+                hit = known[id(lab)] = (lab, torch.from_numpy(gl), groups_of(u))
             return hit[1], hit[2]
 
         def convert(info, name):
@@ -991,15 +1017,17 @@ class _Analysis(fx.Interpreter):
         keep_one_of: List[List[torch.Tensor]] = [[] for _ in range(num_groups)]
         nonempty: List[torch.Tensor] = []
         for key in pieces:
-            u = torch.tensor(key, dtype=torch.long)
-            in_groups, count = group_t[u].unique(return_counts=True)
+            u = np.array(key, dtype=np.int64)
+            grp = group_t[u]  # increasing, as u is
+            first_of_run = np.flatnonzero(np.concatenate(([True], grp[1:] != grp[:-1])))
+            in_groups, count = grp[first_of_run], np.diff(np.append(first_of_run, grp.size))
             if bool((count == size_t[in_groups]).any()):
                 continue  # holds a whole group, which keeps a channel anyway
-            if in_groups.numel() == 1:
+            if in_groups.size == 1:
                 g = int(in_groups[0])
-                keep_one_of[g].append(u - offsets[g])
+                keep_one_of[g].append(torch.from_numpy(u - offsets[g]))
             else:
-                nonempty.append(u)
+                nonempty.append(torch.from_numpy(u))
 
         groups = []
         for g in range(num_groups):
@@ -1013,7 +1041,7 @@ class _Analysis(fx.Interpreter):
             if c not in seen:
                 seen.add(c)
                 contractions.append(Contraction(*c))
-        internal = {node: MappingProxyType({k: gids(lab) for k, lab in d.items()})
+        internal = {node: MappingProxyType({k: torch.from_numpy(gids(lab)) for k, lab in d.items()})
                     for node, d in self.internals.items()}
         norms = tuple(Contraction(*c) for c in dict.fromkeys(self.norms))
         param_shapes = {}
@@ -1033,7 +1061,7 @@ class _Analysis(fx.Interpreter):
             internal_channels=MappingProxyType(internal),
             normalizations=norms,
             attention=self.attention,
-            attention_units=tuple((node, kind, gids(lab)) for node, kind, lab in self.attention_units),
+            attention_units=tuple((node, kind, torch.from_numpy(gids(lab))) for node, kind, lab in self.attention_units),
             unknown_nodes=tuple(name for name, _ in self.unknown),
         )
 

@@ -313,3 +313,34 @@ def test_fake_and_real_shape_propagation_agree():
     assert summary(fake) == summary(real)
     assert [c.__dict__ for c in fake.contractions] == [c.__dict__ for c in real.contractions]
     assert fake.input_specs == real.input_specs
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_atom_classes_match_a_plain_union_find(seed):
+    """The bulk label propagation of the analysis gives every atom its class's smallest
+    atom, with unions added in several rounds (rules resolve atoms between rules)."""
+    from disparse_fx.passes.channel_groups import _Atoms
+
+    gen = torch.Generator().manual_seed(seed)
+    atoms, parent = _Atoms(), []
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for _ in range(4):
+        start = atoms.add(200)
+        parent.extend(range(start, start + 200))
+        for _ in range(int(torch.randint(1, 6, (1,), generator=gen))):
+            n = int(torch.randint(0, 40, (1,), generator=gen))
+            a = torch.randint(0, atoms.count, (n,), generator=gen)
+            b = torch.randint(0, atoms.count, (n,), generator=gen)
+            atoms.union(a, b)
+            for x, y in zip(a.tolist(), b.tolist()):
+                rx, ry = find(x), find(y)
+                parent[max(rx, ry)] = min(rx, ry)
+        expected = [find(a) for a in range(atoms.count)]  # a class's root is its smallest atom
+        assert atoms.roots().tolist() == expected
+        assert atoms.resolve(torch.arange(atoms.count)).tolist() == expected
