@@ -20,13 +20,18 @@ fx node that produces its output - the anchor of the ownership analysis.
 """
 from __future__ import annotations
 
+import functools
+import linecache
 import logging
+import os
+import sys
 import traceback
 from typing import Any, Dict, Hashable, Iterable, Mapping, Optional, Set
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils._traceback import CapturedTraceback
 
 from .errors import TraceError
 
@@ -129,6 +134,62 @@ class _Tracer(fx.Tracer):
         if through is not None and not (self._extra_leaves and isinstance(m, self._extra_leaves)):
             return through(m, *args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
+        """A node whose ``stack_trace`` is the user's frame only (what :mod:`passes.errors`
+        and the save files read): torch records and formats the whole Python stack of
+        every node, a third of the cost of tracing. Where the quick look cannot name
+        the frame torch would end in, torch records the stack as it does."""
+        if not self.record_stack_traces or getattr(self, "_record_forward_stack_traces_only", False):
+            return super().create_node(kind, target, args, kwargs, name, type_expr)
+        self.record_stack_traces = False
+        try:
+            node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        finally:
+            self.record_stack_traces = True
+        if not node.stack_trace:
+            trace = _user_frame_trace(sys._getframe(1))
+            if trace is None:  # torch's own recording (proxy.TracerBase.create_node)
+                summary = self._filter_traceback_frames(CapturedTraceback.extract().summary())
+                trace = "".join(summary.format()).strip() if summary else ""
+            if trace:
+                node.stack_trace = trace
+        return node
+
+
+def _user_frame_trace(frame) -> Optional[str]:
+    """The innermost user frame of the stack above ``frame`` (not torch's, not this
+    module's), formatted as torch formats a stack, "" when torch's recording would
+    name no user frame (no ``forward`` call at or above it), or None when the frame's
+    source line is unknown (torch's formatting of such a stack is left to torch)."""
+    user = None
+    while frame is not None:
+        code = frame.f_code
+        if user is None and _is_user_file(code.co_filename):
+            user = (code.co_filename, frame.f_lineno, code.co_name)
+        if user is not None and code.co_name == "forward":
+            break
+        frame = frame.f_back
+    else:
+        return ""
+    path, line, func = user
+    text = linecache.getline(path, line).strip()
+    if not text:
+        return None
+    return f'File "{path}", line {line}, in {func}\n    {text}'
+
+
+@functools.lru_cache(maxsize=None)
+def _is_user_file(path: str) -> bool:
+    """Whether frames of ``path`` are the user's: not torch's, not exec'd code (torch's
+    ``uninteresting_files()`` for stack traces are its own modules and "<string>";
+    loading that list costs half a second) and not this module's."""
+    if "/torch/" in path.replace("\\", "/") or path == "<string>":
+        return False
+    return os.path.abspath(path) != _THIS_FILE
+
+
+_THIS_FILE = os.path.abspath(__file__)
 
 
 def trace_model(

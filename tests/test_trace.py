@@ -1,0 +1,58 @@
+"""passes/trace.py records each node's user frame itself (torch records and formats the
+whole stack, a third of the tracing time): the frame it names must be the one torch's
+recording leads :func:`passes.errors.user_frame` to."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+
+from disparse_fx.passes import trace as trace_pass
+from disparse_fx.passes.errors import user_frame
+
+from .cnn_zoo import CNN_ZOO
+from .cnn_zoo import build as build_cnn
+from .transformer_zoo import TRANSFORMER_ZOO
+from .transformer_zoo import build as build_transformer
+from .zoo import ZOO
+
+
+class _TorchRecording(trace_pass._Tracer):
+    """The same tracer with torch's own stack-trace recording."""
+
+    create_node = fx.Tracer.create_node
+
+
+def _models():
+    for name in sorted(CNN_ZOO):
+        yield f"cnn:{name}", lambda name=name: build_cnn(name)[0]
+    for name in sorted(TRANSFORMER_ZOO):
+        yield f"transformer:{name}", lambda name=name: build_transformer(name)[0]
+    for entry in ZOO:
+        yield f"zoo:{entry.name}", entry.build
+    # torch's transformer layers are traced through by passes/trace.py's stand-ins
+    yield "torch:TransformerEncoder", lambda: torch.nn.Sequential(torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2))
+
+
+@pytest.mark.parametrize("name,build", list(_models()), ids=[n for n, _ in _models()])
+def test_recorded_user_frames_match_torch_recording(name, build):
+    model = build()
+    ours = list(trace_pass._Tracer().trace(model).nodes)
+    theirs = list(_TorchRecording().trace(model).nodes)
+    assert [n.name for n in ours] == [n.name for n in theirs]
+    assert [user_frame(n) for n in ours] == [user_frame(n) for n in theirs]
+    if not name.startswith("torch:"):  # there every frame is torch's or the tracer's
+        assert any(user_frame(n) is not None for n in ours)
+
+
+def test_recorded_frame_is_the_user_line():
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return x.relu()  # the recorded line
+
+    gm = trace_pass.trace_model(Net())
+    node = next(n for n in gm.graph.nodes if n.op == "call_method")
+    path, line, func, code = user_frame(node)
+    assert path == __file__ and func == "forward" and code == "return x.relu()  # the recorded line"
+    assert node.stack_trace == f'File "{path}", line {line}, in forward\n    {code}'
