@@ -77,7 +77,7 @@ from __future__ import annotations
 
 # The registry itself lives in .registry (rule modules import it from there, so they never
 # import this package's __init__ back); these names are its public face.
-from .registry import (_RULES, ChannelRule, Labels, SlimContext, _first, describe,  # noqa: F401
+from .registry import (_RULES, ChannelRule, Labels, SlimContext, describe,  # noqa: F401
                        lookup_channel_rule, op_name, register_channel_rule, registered_targets,
                        torch_attr)
 from .registry import __all__  # noqa: F401 - the package's public names are the registry's

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import Labels, _first, op_name, register_channel_rule, torch_attr
+from .elementwise import elementwise
+from .registry import Labels, existing, op_name, register_channel_rule, torch_attr
 from ._types import TensorInfo
 
 
@@ -185,7 +186,7 @@ def _norm(ctx):
     return _reduce(ctx, "norm", dim_pos=2, sums=_norm_sums(ctx.value(1, "p", "fro")))
 
 
-@register_channel_rule(*_first(torch_attr("linalg.vector_norm")))
+@register_channel_rule(*existing(torch_attr("linalg.vector_norm")))
 def _vector_norm(ctx):
     return _reduce(ctx, "vector_norm", dim_pos=2, sums=_norm_sums(ctx.value(1, "ord", 2)))
 
@@ -195,7 +196,6 @@ def _max_min(ctx):
     """max(x, dim) reduces; max(a, b) is elementwise; max(x) reduces everything."""
     other = ctx.arg(1, "other", None)
     if isinstance(other, TensorInfo):
-        from .elementwise import elementwise
         return elementwise(ctx)
     return _reduce(ctx, op_name(ctx.node.target))
 

@@ -122,11 +122,12 @@ def _target_repr(node: fx.Node, gm: fx.GraphModule) -> str:
 describe = describe_node
 
 
-def lookup_channel_rule(node: fx.Node, gm: fx.GraphModule) -> ChannelRule:
-    """The rule for ``node``, or :class:`UnsupportedOpError` saying how to add one."""
+def lookup_channel_rule(node: fx.Node, gm: fx.GraphModule, *, module: Optional[nn.Module] = None) -> ChannelRule:
+    """The rule for ``node``, or :class:`UnsupportedOpError` saying how to add one.
+    ``module``: the module a ``call_module`` node calls, when the caller has it at hand."""
     key: Any = node.target
     if node.op == "call_module":
-        mod_type = type(gm.get_submodule(node.target))
+        mod_type = type(module if module is not None else gm.get_submodule(node.target))
         rule = _RULES.get(mod_type)
         if rule is None:
             # a subclass that keeps its base's forward computes what the base computes
@@ -165,8 +166,9 @@ def _hashable(x: Any) -> bool:
     return True
 
 
-def _first(*candidates: Any) -> Tuple[Any, ...]:
-    """The candidates that exist (functions differ between torch versions)."""
+def existing(*candidates: Any) -> Tuple[Any, ...]:
+    """The candidates that exist (functions differ between torch versions): the ones
+    :func:`torch_attr` did not answer None for."""
     return tuple(c for c in candidates if c is not None)
 
 
