@@ -55,6 +55,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from .errors import DisparseValueError, UnsupportedOpError
 from .rules import ChannelRule, Labels, describe, lookup_channel_rule
 from .rules._types import Const, LazyDim, TensorInfo
+from .rules.attention import find_head_splits
 
 __all__ = [
     "GroupMember",
@@ -324,24 +325,38 @@ class _Atoms:
             self._ea, self._eb = [], []
             keep = ea != eb
             ea, eb = ea[keep], eb[keep]
-            if ea.size:
-                # label propagation over the roots: every root's label is the smallest root
-                # it is joined to; labels only point to smaller roots of the same class
-                lab = np.arange(self.count, dtype=np.int64)
-                while True:
-                    m = np.minimum(lab[ea], lab[eb])
-                    new = lab.copy()
-                    np.minimum.at(new, ea, m)
-                    np.minimum.at(new, eb, m)
-                    new = new[new]  # pointer jumping
-                    if np.array_equal(new, lab):
-                        break
-                    lab = new
-                root = self._root = lab[root]
+            if not ea.size:
+                pass
+            elif 2 * ea.size < self.count:  # few edges: number the roots they touch 0..k-1
+                nodes, inv = np.unique(np.concatenate([ea, eb]), return_inverse=True)
+                inv = inv.reshape(-1)
+                lab = _smallest_joined(inv[:ea.size], inv[ea.size:], nodes.size)
+                # nodes are sorted, so the smallest index is the smallest root
+                remap = np.arange(self.count, dtype=np.int64)
+                remap[nodes] = nodes[lab]
+                root = self._root = remap[root]
+            else:
+                root = self._root = _smallest_joined(ea, eb, self.count)[root]
         return root
 
     def resolve(self, atoms: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.roots()[_np(atoms)])
+
+
+def _smallest_joined(ea: np.ndarray, eb: np.ndarray, n: int) -> np.ndarray:
+    """For each of ``n`` items, the smallest item that the edges ``(ea[i], eb[i])`` join
+    it to: label propagation with pointer jumping (labels only ever point to smaller
+    items of the same class), in a few bulk passes."""
+    lab = np.arange(n, dtype=np.int64)
+    while True:
+        m = np.minimum(lab[ea], lab[eb])
+        new = lab.copy()
+        np.minimum.at(new, ea, m)
+        np.minimum.at(new, eb, m)
+        new = new[new]  # pointer jumping
+        if np.array_equal(new, lab):
+            return lab
+        lab = new
 
 
 def _sorted_unique(a: np.ndarray) -> np.ndarray:
@@ -371,14 +386,17 @@ class RuleContext:
         self._args, self._kwargs = args, kwargs
         self._cargs, self._ckwargs = cargs, ckwargs
         self.out = out
+        self._description: Optional[str] = None
 
     # -- reading
     @property
     def module(self) -> nn.Module:
-        return self.gm.get_submodule(self.node.target)
+        return self._e.submodule(self.node.target)
 
     def describe(self) -> str:
-        return describe(self.node, self.gm)
+        if self._description is None:  # rules name the node in every reason they record
+            self._description = describe(self.node, self.gm)
+        return self._description
 
     def _get(self, seq, kw, pos, name, default):
         if pos is not None and pos < len(seq):
@@ -646,8 +664,6 @@ class _Analysis(fx.Interpreter):
         # errors of the analysis name the node and its source line themselves; the
         # Interpreter's "While executing ... Original traceback" would repeat it in torch's terms
         self.extra_traceback = False
-        from .rules.attention import find_head_splits
-
         self.attention = attention
         self.head_splits = find_head_splits(gm)
         self.norms: List[Tuple[str, str, int, None]] = []
@@ -662,6 +678,7 @@ class _Analysis(fx.Interpreter):
         self.infos: Dict[fx.Node, Any] = {}
         self.input_specs: List[Any] = []
         self.fake_mode: Any = None
+        self.submodules: Dict[str, nn.Module] = dict(gm.named_modules(remove_duplicate=False))
         # canonical names of parameters and buffers (tied weights share one name)
         self.tensors: Dict[str, torch.Tensor] = {}
         self.alias: Dict[str, str] = {}
@@ -676,6 +693,13 @@ class _Analysis(fx.Interpreter):
                     self.tensors[name] = t
                     if kind == "b":
                         self.buffer_names.add(name)
+
+    def submodule(self, target: str) -> nn.Module:
+        """The submodule ``target`` (looked up once: rules and checks ask for it often)."""
+        m = self.submodules.get(target)
+        if m is None:
+            m = self.submodules[target] = self.module.get_submodule(target)
+        return m
 
     # -- atoms
     def fresh(self, n: int, *, link: bool = True) -> torch.Tensor:
@@ -746,7 +770,7 @@ class _Analysis(fx.Interpreter):
                 return None
             shape, x = found
         elif n.op == "call_module":
-            m = self.module.get_submodule(n.target)
+            m = self.submodule(n.target)
             shape_of = _SHAPE_ONLY.get(type(m))
             if shape_of is None or len(n.args) != 1 or n.kwargs or not isinstance(n.args[0], fx.Node):
                 return None
@@ -791,7 +815,8 @@ class _Analysis(fx.Interpreter):
             # reads carries a channel, so nothing it computes does, whatever the op is
             return self._wrap(n, result, None)
         try:
-            rule = lookup_channel_rule(n, self.module)
+            rule = lookup_channel_rule(n, self.module,
+                                       module=self.submodule(n.target) if n.op == "call_module" else None)
         except UnsupportedOpError:
             if self.unknown_ops != "keep":
                 raise
@@ -808,7 +833,7 @@ class _Analysis(fx.Interpreter):
         """Whether ``n`` reads a channel: an argument with channel (or lazily labelled) dims,
         a count that depends on channels, or a called module's own tensors."""
         if n.op == "call_module":
-            mod = self.module.get_submodule(n.target)
+            mod = self.submodule(n.target)
             if next(mod.parameters(), None) is not None or next(mod.buffers(), None) is not None:
                 return True
         found = False
@@ -918,7 +943,9 @@ class _Analysis(fx.Interpreter):
         np.minimum.at(first, free_src, free_root)
         comp.union(first[free_src], free_root)
         comp_root = comp.roots()  # the smallest root of each root's component
-        roots = np.unique(root)  # sorted; a root is its class's smallest atom
+        is_root = np.zeros(n_atoms, dtype=bool)
+        is_root[root] = True
+        roots = np.flatnonzero(is_root)  # sorted; a root is its class's smallest atom
         # groups in the order of their smallest root, channels in creation order
         comp_of = comp_root[roots]
         order = np.argsort(comp_of * max(n_atoms, 1) + roots, kind="stable")
@@ -949,10 +976,11 @@ class _Analysis(fx.Interpreter):
         for (name, dim), lab in self.members.items():
             gl = gids(lab)
             in_groups = groups_of(gl)
+            grp = group_t[gl] if len(in_groups) > 1 else None
             for g in in_groups:
                 index = gl - offsets[g]
-                if len(in_groups) > 1:
-                    index = np.where(group_t[gl] == g, index, -1)
+                if grp is not None:
+                    index = np.where(grp == g, index, -1)
                 members[g].append(GroupMember(name, dim, torch.from_numpy(index), name in self.buffer_names))
         # removability
         reasons: Dict[int, str] = {}
