@@ -45,6 +45,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 import disparse_fx as dfx  # noqa: E402
+from disparse_fx.config import SCORE_DTYPES  # noqa: E402
 from disparse_fx.zoo import DEFAULT_TASKS, deeplab_resnet, multitask_from_torchvision  # noqa: E402
 from disparse_fx.passes.channel_groups import find_channel_groups  # noqa: E402
 from disparse_fx.passes.ownership import analyze_ownership  # noqa: E402
@@ -95,10 +96,19 @@ def make_problem(n_tasks: int, batches: int, batch_size: int, size: int, model_n
     return model, data, losses
 
 
-def compress_config(granularity: str, batches: int) -> "dfx.CompressConfig":
+def compress_config(granularity: str, batches: int, score_dtype: str = "float32") -> "dfx.CompressConfig":
     sparsity = dict(GRANULARITIES)[granularity]
     return dfx.CompressConfig(sparsity=sparsity, criterion="snip", granularity=granularity, num_batches=batches,
-                              progress=False)
+                              progress=False, score_dtype=score_dtype)
+
+
+def variants(args):
+    """(granularity, score dtype) pairs measured, in the interleaving order."""
+    return [(g, dt) for g, _ in GRANULARITIES if g in args.granularities for dt in args.score_dtypes]
+
+
+def variant_label(g: str, dt: str) -> str:
+    return f"{g} {dict(GRANULARITIES)[g]:.0%}" + ("" if dt == "float32" else f", {dt} scores")
 
 
 def naive_snip(model, data, losses):
@@ -155,7 +165,8 @@ def child(method: str, args) -> None:
     elif method == "train":
         train_step(model, data, losses)
     else:
-        dfx.compress(model, losses, data, compress_config(method.split("-", 1)[1], args.batches))
+        _, granularity, score_dtype = method.split("-")
+        dfx.compress(model, losses, data, compress_config(granularity, args.batches, score_dtype))
     peak = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
     print(json.dumps({"peak_mib": (peak - before) / 1024}))
 
@@ -184,13 +195,13 @@ PHASES = ("trace", "ownership", "groups", "importance", "decision", "masks", "bu
 
 def run(args) -> str:
     rows = []
-    grans = [g for g, _ in GRANULARITIES if g in args.granularities]
+    grans = variants(args)
     for model_name in args.models:
         for n_tasks in args.tasks:
             model, data, losses = make_problem(n_tasks, args.batches, args.batch_size, args.size, model_name)
             params_m = sum(p.numel() for p in model.parameters()) / 1e6
-            for g in grans:  # warm-up
-                dfx.compress(model, losses, data[:1], compress_config(g, 1))
+            for g, dt in grans:  # warm-up
+                dfx.compress(model, losses, data[:1], compress_config(g, 1, dt))
             t_naive, t_ours = [], {g: [] for g in grans}
             phases = {g: {k: [] for k in PHASES} for g in grans}
             results = {}
@@ -200,7 +211,7 @@ def run(args) -> str:
                 t_naive.append(time.perf_counter() - t0)
                 for g in grans:
                     t0 = time.perf_counter()
-                    results[g] = dfx.compress(model, losses, data, compress_config(g, args.batches))
+                    results[g] = dfx.compress(model, losses, data, compress_config(g[0], args.batches, g[1]))
                     t_ours[g].append(time.perf_counter() - t0)
                     for k in PHASES:
                         phases[g][k].append(results[g].plan.timings.get(k, 0.0))
@@ -211,9 +222,9 @@ def run(args) -> str:
             mem_train = peak_memory_mib("train", args, model_name, n_tasks)
             for g in grans:
                 med = statistics.median(t_ours[g])
-                mem = peak_memory_mib(f"compress-{g}", args, model_name, n_tasks)
+                mem = peak_memory_mib(f"compress-{g[0]}-{g[1]}", args, model_name, n_tasks)
                 ph = {k: statistics.median(v) for k, v in phases[g].items()}
-                rows.append([model_name, f"{params_m:.1f}", n_tasks, f"{g} {dict(GRANULARITIES)[g]:.0%}",
+                rows.append([model_name, f"{params_m:.1f}", n_tasks, variant_label(*g),
                              f"{med_naive:.2f}", f"{med:.2f}", f"{med / med_naive:.2f}",
                              " / ".join(f"{ph[k]:.2f}" for k in PHASES), f"{ph['decision'] / med:.1%}",
                              f"{mem_naive:.0f}", f"{mem:.0f}", f"{mem_train:.0f}",
@@ -239,7 +250,9 @@ def run(args) -> str:
               "backwards, plus its analysis (trace, ownership, and at channel granularity the channel groups) and "
               "decision. The naive scores are the same at both granularities (element snip scores; the channel "
               "decision sums them per channel), so one naive timing serves both rows. Max score diff: compress's "
-              "task scores against the naive ones, both normalised to sum 1 per task.\n\n")
+              "task scores against the naive ones, both normalised to sum 1 per task. Rows marked 'bfloat16 "
+              "scores' run CompressConfig(score_dtype='bfloat16'): the T score tensors stored in 2 bytes an "
+              "element instead of 4.\n\n")
     return header + table + "\n"
 
 
@@ -338,8 +351,9 @@ def main(argv=None):
     ap.add_argument("--analysis-size", type=int, default=128, help="input size of the CNNs (transformers: 224)")
     ap.add_argument("--smoke", action="store_true", help="tiny configuration (seconds; used by the tests)")
     ap.add_argument("--out", type=pathlib.Path, default=None)
-    ap.add_argument("--child", choices=["naive", "train", "compress-element", "compress-channel"],
-                    help=argparse.SUPPRESS)
+    ap.add_argument("--score-dtypes", nargs="+", choices=list(SCORE_DTYPES), default=["float32"],
+                    help="CompressConfig.score_dtype values to measure (a row each)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     _common.add_threads_argument(ap)
     args = ap.parse_args(argv)
     _common.set_threads(args.threads)
@@ -349,6 +363,7 @@ def main(argv=None):
     if args.smoke:
         args.models, args.tasks, args.batches, args.batch_size, args.size, args.repeats = ["tiny"], [2], 1, 2, 32, 1
         args.analysis_models, args.analysis_size = ["deeplab-tiny"], 32
+        args.score_dtypes = list(SCORE_DTYPES)
     out = _common.out_path(args.out, args.smoke, "compress_cost.md")
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     body = ("" if args.no_naive else run(args) + "\n") + ("" if args.no_analysis else run_analysis(args))

@@ -148,7 +148,7 @@ def decide_channels(
                 if s is None:
                     continue
                 dims = [d for d in range(s.dim()) if d != m.dim]
-                per = (s.sum(dim=dims) if dims else s).double().cpu()
+                per = (s.sum(dim=dims, dtype=torch.float64) if dims else s.double()).cpu()
                 acc = unit_scores[u].setdefault(g.id, torch.zeros(g.size, dtype=torch.float64))
                 acc.index_add_(0, m.index[sel], per[sel])
     normalised: Dict[Hashable, Dict[int, torch.Tensor]] = {}

@@ -8,13 +8,15 @@ import torch
 
 from .errors import DisparseValueError
 
-__all__ = ["CompressConfig", "CRITERIA", "GRANULARITIES", "ATTENTION", "BUDGETS", "DEFAULT_NUM_BATCHES",
-           "default_prunable", "default_round_to"]
+__all__ = ["CompressConfig", "CRITERIA", "GRANULARITIES", "ATTENTION", "BUDGETS", "SCORE_DTYPES",
+           "DEFAULT_NUM_BATCHES", "default_prunable", "default_round_to"]
 
 CRITERIA = ("snip", "taylor", "magnitude", "random")
 GRANULARITIES = ("element", "channel")
 ATTENTION = ("heads", "head_dims")
 BUDGETS = ("params", "flops", "latency")
+#: How the per-task scores are stored while they accumulate (CompressConfig.score_dtype).
+SCORE_DTYPES = ("float32", "bfloat16")
 #: Batches importance reads when CompressConfig.num_batches is None (the paper's setup
 #: scores on 50 batches: docs/method.md).
 DEFAULT_NUM_BATCHES = 50
@@ -96,6 +98,15 @@ class CompressConfig:
         "heads" (a whole head, removed only if every task reaching it votes so; the
         head count shrinks) or "head_dims" (one position of the per-head width, in
         every head at once; the heads stay, each gets narrower).
+    score_dtype: how each task's scores are stored while they accumulate over the
+        batches: "float32" (the default; exact sums) or "bfloat16" (half the memory: T
+        score tensors of 2 bytes per prunable element instead of 4, the largest term of
+        compress's peak memory on a big trunk with several tasks; each batch's
+        contribution is computed in float32 and the running sum rounded to bfloat16, a
+        relative error of at most 2**-9 per batch, far below the batch-to-batch spread
+        of the estimate itself; masks can differ from float32's among elements whose
+        scores lie within that error of the threshold). ``Plan.task_scores`` then holds
+        bfloat16 tensors.
     """
 
     sparsity: float = 0.9
@@ -113,6 +124,7 @@ class CompressConfig:
     budget: str = "params"
     best_effort: bool = False
     latency_time_limit_s: float = 120.0
+    score_dtype: str = "float32"
 
     def __post_init__(self):
         def bad(field, must, got):
@@ -153,11 +165,18 @@ class CompressConfig:
             bad("latency_time_limit_s", "a number of seconds > 0", self.latency_time_limit_s)
         if self.attention not in ATTENTION:
             bad("attention", f"one of {ATTENTION}", self.attention)
+        if self.score_dtype not in SCORE_DTYPES:
+            bad("score_dtype", f"one of {SCORE_DTYPES}", self.score_dtype)
 
     @property
     def batch_limit(self) -> int:
         """The most batches importance reads: num_batches, or DEFAULT_NUM_BATCHES for None."""
         return DEFAULT_NUM_BATCHES if self.num_batches is None else self.num_batches
+
+    @property
+    def score_torch_dtype(self) -> torch.dtype:
+        """score_dtype as a torch dtype."""
+        return getattr(torch, self.score_dtype)
 
     @property
     def needs_data(self) -> bool:

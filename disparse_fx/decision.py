@@ -96,7 +96,8 @@ __all__ = ["Decision", "decide", "layer_floor"]
 @dataclass(frozen=True)
 class Decision:
     """task_masks: {task: {param: bool}}; masks: {param: bool}; keep_ratio: the r found;
-    task_scores: {task: {param: float32 score normalised to sum 1 over the task's domain}}."""
+    task_scores: {task: {param: score normalised to sum 1 over the task's domain}}, float32
+    (bfloat16 with ``score_dtype="bfloat16"``)."""
 
     task_masks: Mapping[Hashable, Mapping[str, torch.Tensor]]
     masks: Mapping[str, torch.Tensor]
@@ -222,12 +223,14 @@ def decide(
 
 
 def _normalise_(parts: Mapping[str, torch.Tensor], dom: Sequence[str], seen: set) -> Dict[str, torch.Tensor]:
-    """{p: float32 score / sum over the domain}, divided in place (a tensor met before is copied)."""
+    """{p: score / sum over the domain}, divided in place (a tensor met before is copied);
+    float32 and bfloat16 scores keep their dtype (dividing by a positive number rounds
+    monotonically: the order is kept, ties can only appear), others become float32."""
     out = {}
     for p in dom:
         x = parts[p]
-        if x.dtype != torch.float32 or id(x) in seen:
-            x = x.float() if x.dtype != torch.float32 else x.clone()
+        if x.dtype not in _SCORE_BITS or id(x) in seen:
+            x = x.float() if x.dtype not in _SCORE_BITS else x.clone()
         seen.add(id(x))
         out[p] = x
     total = torch.stack([x.sum(dtype=torch.float64) for x in out.values()]).sum().float()
@@ -293,17 +296,19 @@ def _in_floor(c: torch.Tensor, counts: Sequence[int], floors: Sequence[int]) -> 
 _M32 = 0xFFFFFFFF
 _MAX_BUCKET_BITS = 23  # at most 2**23 buckets of 2**8 consecutive float32 bit patterns (scores >= 0)
 _HISTOGRAM_CHUNK = 1 << 22  # elements shifted and counted at a time
+_KEY_CHUNK = 1 << 20  # elements whose int64 keys are built at a time (about ten 8 MiB temporaries)
+
+
+_SCORE_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
 
 
 def _bits(s: torch.Tensor) -> torch.Tensor:
     """The bit patterns of non-negative float32 / bfloat16 scores as int32 / int16: the
     integer order is the scores' order (sign bit clear), so ranks, selections and
     histograms run on integers."""
-    if s.dtype == torch.float32:
-        return s.view(torch.int32)
-    if s.dtype == torch.bfloat16:
-        return s.view(torch.int16)
-    raise TypeError(f"scores must be float32 or bfloat16, got {s.dtype}")
+    if s.dtype not in _SCORE_BITS:
+        raise TypeError(f"scores must be float32 or bfloat16, got {s.dtype}")
+    return s.view(_SCORE_BITS[s.dtype])
 
 
 def _seed_word(seed: int) -> int:
@@ -350,16 +355,17 @@ def _top_in_order(parts, dom, starts, k: int, seed: int, device):
     else:
         cum = _histogram(bits)
         b, _ = _bucket_of(cum[0], len(bits), k)  # the bucket holding the k-th largest
-        chosen = _select(bits, b << cum[1], k, lambda pos: _hash32(flat_index(pos), seed))
+        chosen = _select(bits, int(b) << cum[1], k, lambda pos: _hash32(flat_index(pos), seed))
     index = flat_index(chosen)
     key = (bits.index_select(0, chosen).long() << 32) | _hash32(index, seed)
     return index.index_select(0, torch.argsort(-key))  # keys are distinct; ascending sorts run faster
 
 
-def _select(bits: torch.Tensor, low, k: int, tie_hash) -> torch.Tensor:
+def _select(bits: torch.Tensor, low: int, k: int, tie_hash) -> torch.Tensor:
     """Positions of the k largest ``bits`` (unordered), given ``low`` <= the k-th largest:
     all above the k-th largest v, and of those equal to v the ones with the largest
-    ``tie_hash(positions)``."""
+    ``tie_hash(positions)``. ``low`` is a Python int: a 1-element int64 tensor would make
+    the CPU comparison cast the whole domain to int64 first (a copy of 8 bytes an element)."""
     chosen = (bits >= low).nonzero().squeeze(1)  # one pass: the k best and a few more
     if len(chosen) > k:
         vals = bits.index_select(0, chosen)
@@ -376,21 +382,34 @@ def _select(bits: torch.Tensor, low, k: int, tie_hash) -> torch.Tensor:
 def _histogram(bits: torch.Tensor):
     """(cumulative counts, shift) of non-negative score bits (:func:`_bits`) in buckets of
     2**shift consecutive values: 2**min(23, bit length of n, bit width) buckets for n
-    values (a fixed cost that stays small for small domains; for 16-bit scores one
-    bucket per value), int32 counts when they fit (32 MiB a table at most). Counted a
-    chunk at a time by ``index_add_`` into the table, so neither a shifted copy of the
+    values (a fixed cost that stays small for small domains; 16-bit scores reach one
+    bucket per value from 2**15 values on), int32 counts when they fit (32 MiB a table
+    at most). Counted a chunk at a time by ``index_add_`` into the table, so neither a shifted copy of the
     whole domain nor an int64 table per chunk is made (24M float32 scores, 2**23
     buckets, one thread: 0.16 s against 0.21 s for one ``bincount`` and 0.49 s for
     chunked ones). The counts themselves are differences of the cumulative ones
     (:func:`_bucket_size`)."""
     width = 8 * bits.element_size() - 1
     shift = max(0, width - min(_MAX_BUCKET_BITS, max(8, len(bits).bit_length())))
-    kind = torch.int32 if len(bits) < 1 << 31 else torch.int64
-    hist = torch.zeros(1 << (width - shift), dtype=kind, device=bits.device)
-    ones = torch.ones(min(len(bits), _HISTOGRAM_CHUNK), dtype=kind, device=bits.device)
-    for chunk in bits.split(_HISTOGRAM_CHUNK):
-        hist.index_add_(0, (chunk >> shift).int(), ones[:len(chunk)])
-    return torch.cumsum(hist, 0, dtype=kind), shift
+    buckets = ((part >> shift).int() for _, part in _chunks(bits))
+    return _cumulative_counts(1 << (width - shift), buckets, bits), shift
+
+
+def _chunks(x: torch.Tensor, size: int = _HISTOGRAM_CHUNK):
+    """(start, x[start:start + size]) over a 1-D tensor."""
+    for start in range(0, len(x), size):
+        yield start, x[start:start + size]
+
+
+def _cumulative_counts(n_buckets: int, bucket_chunks, of: torch.Tensor) -> torch.Tensor:
+    """Cumulative counts over ``n_buckets`` of the int32 bucket ids of the elements of
+    ``of``, given a chunk at a time, by ``index_add_`` into one table (int32 counts while
+    they fit: below 2**31 elements)."""
+    kind = torch.int32 if len(of) < 1 << 31 else torch.int64
+    hist = torch.zeros(n_buckets, dtype=kind, device=of.device)
+    for ids in bucket_chunks:
+        hist.index_add_(0, ids, torch.ones(len(ids), dtype=kind, device=of.device))
+    return torch.cumsum(hist, 0, dtype=kind)
 
 
 def _bucket_size(cum: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -438,7 +457,7 @@ def _deep_floor_extras(deep, uniq, pid, normalised, domains, starts, numel, size
             hist = torch.bincount((bits >> high).clamp_min_(0), minlength=1 << 15)
             hist[0] -= len(local_taken)
             b, _ = _bucket_of(hist.cumsum(0), numel[p] - len(local_taken), d)
-            picks.append(_select(bits, b << high, d, lambda pos: _hash32(pos + lo, seed + ui)))
+            picks.append(_select(bits, int(b) << high, d, lambda pos: _hash32(pos + lo, seed + ui)))
         cands[p] = torch.unique(torch.cat(picks)) + lo
         for ui in owners:
             queries.setdefault(ui, []).append(p)
@@ -507,23 +526,39 @@ def _deep_floor_extras(deep, uniq, pid, normalised, domains, starts, numel, size
 
 class _RankCounter:
     """Ranks in one unit's domain, rank(q) = #{f in the domain : key(f) > q}, for keys q of
-    elements of the domain.
+    elements of the domain (key = score bits << 32 | seeded hash, :func:`_keys`).
 
-    A histogram of the scores' bit patterns (up to 2**23 buckets, a relative width of 3e-5 of
-    the score) bounds every rank at once: the elements in higher buckets come first, the
-    others of q's bucket may or may not (:meth:`bounds`, O(N) once). :meth:`exact` sorts
-    only the elements that share a bucket with one of its queries.
+    A histogram of the keys' top bits (up to 2**23 buckets: for float32 scores a relative
+    width of 3e-5 of the score; for bfloat16 ones, whose 2**15 values hold thousands of
+    elements each, the value and the hash's top 8 bits) bounds every rank at once: the
+    elements in higher buckets come first, the others of q's bucket may or may not
+    (:meth:`bounds`, O(N) once). :meth:`exact` streams the domain once and looks closer
+    only at elements that share a bucket with one of its queries.
     """
 
     def __init__(self, parts: Mapping[str, torch.Tensor], dom: Sequence[str], starts: Mapping[str, int], seed: int):
         self.seed = seed
         self.bits = _bits(joined(parts, dom))
-        # counted again rather than kept from the selection: only deep floors need it, and
-        # holding T tables (32 MiB each) through the union would raise the decision's peak
-        self.cum, self.shift = _histogram(self.bits)
         sizes = torch.tensor([parts[p].numel() for p in dom], device=self.bits.device)
         self.d_starts = torch.cumsum(sizes, 0) - sizes
         self.to_flat = torch.tensor([starts[p] for p in dom], device=self.bits.device) - self.d_starts
+        key_bits = 8 * self.bits.element_size() - 1 + 32
+        self.shift = key_bits - min(_MAX_BUCKET_BITS, max(8, len(self.bits).bit_length()))  # of the key
+        # counted here rather than kept from the selection: only deep floors need it, and
+        # holding T tables (32 MiB each) through the union would raise the decision's peak
+        self.cum = _cumulative_counts(1 << (key_bits - self.shift), (
+            self._buckets(start, part) for start, part in _chunks(self.bits, _KEY_CHUNK)), self.bits)
+
+    def _buckets(self, start: int, part: torch.Tensor) -> torch.Tensor:
+        """Bucket (int32) of the keys of ``part`` = bits[start:start + len(part)]."""
+        if self.shift >= 32:  # the score bits alone
+            return (part >> (self.shift - 32)).int()
+        pos = torch.arange(start, start + len(part), device=part.device)
+        hashed = _hash32(self._flat(pos), self.seed)
+        return ((part.long() << (32 - self.shift)) | (hashed >> self.shift)).int()
+
+    def _flat(self, pos: torch.Tensor) -> torch.Tensor:
+        return pos + self.to_flat[torch.searchsorted(self.d_starts, pos, right=True) - 1]
 
     def higher(self, b: torch.Tensor) -> torch.Tensor:
         """#elements in buckets above b."""
@@ -531,22 +566,35 @@ class _RankCounter:
 
     def bounds(self, qkeys: torch.Tensor):
         """(lowest, highest) possible rank of each query."""
-        b = qkeys >> (self.shift + 32)
+        b = qkeys >> self.shift
         higher = self.higher(b)
         return higher, higher + _bucket_size(self.cum, b) - 1
 
     def exact(self, qkeys: torch.Tensor) -> torch.Tensor:
-        shift = self.shift + 32
-        qbucket = qkeys >> shift
+        """Exact ranks: the elements in higher buckets, plus those of the query's own bucket
+        with a greater key. The domain is streamed a chunk at a time; each element f of a
+        query bucket beats the sorted queries from the first of its bucket up to the last
+        below key(f) - a contiguous range, added to a difference array - so memory stays
+        O(chunk + queries)."""
+        order = torch.argsort(qkeys)
+        queries = qkeys.index_select(0, order)
         is_query_bucket = torch.zeros(len(self.cum), dtype=torch.bool, device=qkeys.device)
-        is_query_bucket[qbucket] = True
-        near = is_query_bucket.index_select(0, (self.bits >> self.shift).int()).nonzero().squeeze(1)
-        flat = near + self.to_flat[torch.searchsorted(self.d_starts, near, right=True) - 1]
-        near_sorted = torch.sort((self.bits.index_select(0, near).long() << 32) | _hash32(flat, self.seed)).values
-        # near keys greater than q, less those in buckets above q's (counted in `higher`)
-        greater = torch.searchsorted(near_sorted, (qbucket + 1) << shift) - torch.searchsorted(
-            near_sorted, qkeys, right=True)
-        return self.higher(qbucket) + greater
+        is_query_bucket[queries >> self.shift] = True
+        beaten = torch.zeros(len(queries) + 1, dtype=torch.int64, device=qkeys.device)
+        for start, part in _chunks(self.bits, _KEY_CHUNK):
+            near = is_query_bucket.index_select(0, self._buckets(start, part)).nonzero().squeeze(1) + start
+            if not len(near):
+                continue
+            keys = (self.bits.index_select(0, near).long() << 32) | _hash32(self._flat(near), self.seed)
+            first = torch.searchsorted(queries, (keys >> self.shift) << self.shift)  # first query of f's bucket
+            past = torch.searchsorted(queries, keys)  # queries with a key below key(f)
+            ones = torch.ones_like(first)
+            beaten.index_add_(0, first, ones)
+            beaten.index_add_(0, past, -ones)
+        greater = torch.cumsum(beaten, 0)[:-1]
+        ranks = torch.empty_like(greater)
+        ranks[order] = self.higher(queries >> self.shift) + greater
+        return ranks
 
 
 def _rank_descending(s: torch.Tensor, seed: int) -> torch.Tensor:

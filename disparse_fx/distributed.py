@@ -42,7 +42,9 @@ def all_reduce_scores(acc: Mapping[Hashable, Mapping[str, torch.Tensor]]) -> Non
         tensors = [acc[unit][p] for p in sorted(acc[unit])]
         if not tensors:
             continue
-        flat = torch.cat([t.reshape(-1) for t in tensors])
+        # summed in float32 whatever the scores' storage (bfloat16 sums of world-size terms
+        # would round at every step; not every backend reduces bfloat16)
+        flat = torch.cat([t.reshape(-1) for t in tensors]).float()
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         offset = 0
         for t in tensors:

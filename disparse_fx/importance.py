@@ -5,7 +5,9 @@ output only) is back-propagated (``backward(inputs=...)``) to the parameters of 
 task's domain alone, keeping the autograd graph between the backwards. A
 post-accumulate-grad hook on each parameter folds its gradient into the task's score
 and frees it at once, so memory holds one float32 score tensor per task and parameter
-plus the autograd graph, never a task's whole gradient. (Batched vector-Jacobian
+plus the autograd graph, never a task's whole gradient (bfloat16 with
+``CompressConfig(score_dtype="bfloat16")``: half of it; each contribution is computed in
+float32 and added to the stored sum). (Batched vector-Jacobian
 products over the stacked losses, ``torch.autograd.grad(..., is_grads_batched=True)``,
 measured no faster on CPU and hold T gradients at once: 3-task resnet18 trunk, batch 4,
 64 px, 19.5-21.2 s vs 20.6-21.9 s per batch; 3-task resnet50 trunk, batch 8, 96 px, one
@@ -17,7 +19,8 @@ a loaded 2-core machine. See issue 13.) No copy of the model is made: the forwar
 BatchNorm statistics are not updated). The model's train/eval modes are set to train
 for the estimate and restored afterwards, whatever happens.
 
-Criteria (method.md), accumulated in float32 whatever the weights' dtype:
+Criteria (method.md), accumulated in ``config.score_dtype`` (float32 by default) whatever
+the weights' dtype:
 
 =========  ============================================
 snip       sum over batches of |g_t * w|
@@ -103,25 +106,27 @@ def estimate_importance(
     if not config.disentangle:
         units = {SUMMED: tuple(dict.fromkeys(p for d in domains.values() for p in d))}
     if config.criterion == "magnitude":
-        scores = {u: {p: params[p].detach().abs().float() for p in d} for u, d in units.items()}
+        kind = config.score_torch_dtype
+        scores = {u: {p: params[p].detach().abs().to(kind) for p in d} for u, d in units.items()}
         return TaskScores(scores, units, 0)
     if config.criterion == "random":
-        return TaskScores(_random_scores(units, params, config.seed), units, 0)
+        return TaskScores(_random_scores(units, params, config.seed, config.score_torch_dtype), units, 0)
     return _gradient_scores(gm, units, params, task_losses, data, inputs, config)
 
 
-def _random_scores(units, params, seed):
+def _random_scores(units, params, seed, kind=torch.float32):
     scores = {}
     for i, (u, dom) in enumerate(units.items()):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        scores[u] = {p: torch.rand(params[p].shape, generator=gen).to(params[p].device) for p in dom}
+        scores[u] = {p: torch.rand(params[p].shape, generator=gen).to(params[p].device, kind) for p in dom}
     return scores
 
 
 def _gradient_scores(gm, units, params, task_losses, data, inputs, config) -> TaskScores:
     device = next(iter(params.values())).device
     names_in_gm = _gm_names(gm, params)
-    grad_acc = {u: flat_scores({p: params[p].shape for p in d}, device) for u, d in units.items()}
+    grad_acc = {u: flat_scores({p: params[p].shape for p in d}, device, config.score_torch_dtype)
+                for u, d in units.items()}
     snip = config.criterion == "snip"
     batches = 0
     bar = tqdm(total=config.batch_limit, desc="importance", unit="batch",
@@ -178,12 +183,13 @@ def _gradient_scores(gm, units, params, task_losses, data, inputs, config) -> Ta
     return TaskScores(grad_acc, units, batches)
 
 
-def flat_scores(shapes: Mapping[str, Sequence[int]], device) -> Dict[str, torch.Tensor]:
-    """Zero float32 scores, one per parameter, as views of ONE buffer in the given order,
+def flat_scores(shapes: Mapping[str, Sequence[int]], device, dtype: torch.dtype = torch.float32
+                ) -> Dict[str, torch.Tensor]:
+    """Zero scores (``dtype``), one per parameter, as views of ONE buffer in the given order,
     so the decision reads a unit's whole domain without concatenating it (a copy of
     every score) - see :func:`joined`."""
     sizes = [math.prod(shape) for shape in shapes.values()]
-    buffer = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
+    buffer = torch.zeros(sum(sizes), dtype=dtype, device=device)
     return {p: part.view(tuple(shape)) for (p, shape), part in zip(shapes.items(), buffer.split(sizes))}
 
 

@@ -38,8 +38,8 @@ class Plan:
     """The decision of :func:`disparse_fx.compress` (see api.md).
 
     owners: {param: frozenset(tasks)} for every parameter (unused ones: empty set).
-    task_scores: {task: {param: float32 score}} over the task's prunable domain,
-        normalised to sum 1 per task (normalising does not change a task's ranking).
+    task_scores: {task: {param: score}} over the task's prunable domain (float32, or
+        bfloat16 with ``config.score_dtype="bfloat16"``), normalised to sum 1 per task (normalising does not change a task's ranking).
         With ``disentangle=False`` these are the summed-loss scores seen through each
         task's domain.
     task_masks: {task: {param: bool}} each task's own keep-mask over its domain.

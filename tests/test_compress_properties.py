@@ -154,3 +154,23 @@ def test_disentangled_differs_from_summed_loss_when_tasks_disagree():
     # the quiet task's own head keeps the same share of its weights in the disentangled
     # plan whatever the loss scale; under the summed loss the loud task takes the budget
     assert dis.density("cls.weight") > glob.density("cls.weight")
+
+
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+def test_bfloat16_scores_hit_the_target_and_agree_with_float32(granularity):
+    """score_dtype="bfloat16" halves the score memory: same invariants, bfloat16 task
+    scores, and masks that differ from float32's only near the threshold."""
+    entry = next(e for e in ZOO if e.name == "residual_tuple")  # three tasks, shared trunk
+    _, exact = run(entry, sparsity=0.8, granularity=granularity)
+    model, half = run(entry, sparsity=0.8, granularity=granularity, score_dtype="bfloat16")
+    check_plan_invariants(half.plan)
+    assert abs(half.plan.sparsity - exact.plan.sparsity) <= tolerance(half.plan)
+    assert all(s.dtype == torch.bfloat16 for per in half.plan.task_scores.values() for s in per.values())
+    numel = sum(m.numel() for m in exact.plan.masks.values())
+    differ = sum(int((exact.plan.masks[p] != half.plan.masks[p]).sum()) for p in exact.plan.prunable)
+    assert differ <= 0.05 * numel, (differ, numel)
+
+
+def test_score_dtype_is_validated():
+    with pytest.raises(dfx.DisparseValueError, match=r"score_dtype must be one of \('float32', 'bfloat16'\)"):
+        dfx.CompressConfig(score_dtype="float16")

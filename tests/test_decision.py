@@ -92,9 +92,7 @@ def _clone(scores):
                       scores.domains, scores.batches)
 
 
-@pytest.mark.parametrize("seed", range(300))
-def test_decide_matches_reference(seed):
-    scores, prunable, shapes, domains, config = random_case(seed)
+def check_against_reference(scores, prunable, shapes, domains, config):
     masks, task_masks, r = reference(_clone(scores), prunable, shapes, config)
     got = decide(scores, prunable=prunable, shapes=shapes, task_domains=domains, config=config)
     assert got.keep_ratio == r
@@ -103,6 +101,12 @@ def test_decide_matches_reference(seed):
     for t in domains:
         for p in domains[t]:
             assert torch.equal(got.task_masks[t][p], task_masks[t][p]), (t, p)
+    return got
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_decide_matches_reference(seed):
+    check_against_reference(*random_case(seed))
 
 
 def test_decide_deterministic_and_exact_with_ties():
@@ -144,3 +148,49 @@ def test_scores_in_one_buffer_are_read_without_a_copy():
     assert joined(parts, ["a", "b"]).tolist() == [1.0] * 6 + [2.0] * 4  # part of the buffer: a copy
     loose = {"a": torch.ones(2, 3), "b": torch.zeros(4)}
     assert joined(loose, ["a", "b"]).tolist() == [1.0] * 6 + [0.0] * 4
+
+
+@pytest.mark.parametrize("seed", range(0, 300, 3))
+def test_decide_matches_reference_on_bfloat16_scores(seed):
+    """score_dtype="bfloat16": the decision ranks the 16-bit patterns; same answer as the
+    reference on the same bfloat16 values (which round the integer levels: more ties)."""
+    scores, prunable, shapes, domains, config = random_case(seed)
+    scores = TaskScores({u: {p: s.bfloat16() for p, s in per.items()} for u, per in scores.scores.items()},
+                        scores.domains, scores.batches)
+    got = check_against_reference(scores, prunable, shapes, domains, config)
+    assert all(s.dtype == torch.bfloat16 for per in got.task_scores.values() for s in per.values())
+
+
+def test_bfloat16_histogram_has_one_bucket_per_value():
+    from disparse_fx.decision import _bits, _histogram
+
+    s = torch.zeros(40_000, dtype=torch.bfloat16)  # 2**15 values or more: the full resolution
+    s[:5] = torch.tensor([0.0, 1.0, 1.0, 2.0, 3.5])
+    cum, shift = _histogram(_bits(s))
+    assert shift == 0 and len(cum) == 1 << 15
+    assert int(cum[-1]) == 40_000
+    one = int(_bits(s)[1])
+    assert int(cum[one] - cum[one - 1]) == 2
+
+
+def test_other_score_dtypes_are_refused_by_the_bit_view():
+    from disparse_fx.decision import _bits
+
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        _bits(torch.ones(3, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deep_floors_in_a_large_tied_domain_match_the_reference(dtype):
+    """A layer no unit ranks high needs its floor from deep ranks, counted by _RankCounter;
+    with bfloat16 scores on a domain of 2**15 elements or more its buckets split each
+    score value by the tie hash's top bits. Same masks as the reference either way."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"a": torch.Size([200, 200]), "b": torch.Size([64, 64]), "c": torch.Size([300])}
+    domains = {"x": ("a", "b", "c"), "y": ("a", "c")}
+    scores = {u: {p: torch.randint(1, 50, shapes[p], generator=gen).to(dtype) for p in dom}
+              for u, dom in domains.items()}
+    scores["x"]["b"].zero_()  # b's floor comes from the deep ranks of x
+    config = CompressConfig(sparsity=0.99, min_layer_density=0.005, seed=1)
+    got = check_against_reference(TaskScores(scores, domains, 1), list(shapes), shapes, domains, config)
+    assert int(got.masks["b"].sum()) == layer_floor(64 * 64, 0.005)
