@@ -139,11 +139,12 @@ def decide(
     target_kept = max(round((1.0 - config.sparsity) * total), 1)
     n_max = max(sizes.values())
     r_hi = target_kept / n_max if target_kept <= n_max else 1.0  # the largest unit alone keeps enough
-    g_starts = torch.tensor([starts[p] for p in prunable], dtype=torch.int64, device=device)
+    g_starts = torch.tensor([starts[p] for p in prunable], dtype=torch.int32, device=device)
 
-    # 1. Each unit's best-ranked elements (those with c_u <= r_hi), in rank order.
-    orders = [_top_in_order(normalised[u], domains[u], starts, _count_le(r_hi, sizes[u]), config.seed + ui, device)
-              for ui, u in enumerate(units)]
+    # 1. Each unit's best-ranked elements (those with c_u <= r_hi), in rank order; flat
+    #    indices held as int32 (total < 2**31), widened where an index op needs int64.
+    orders = [_top_in_order(normalised[u], domains[u], starts, _count_le(r_hi, sizes[u]), config.seed + ui,
+                            device).int() for ui, u in enumerate(units)]
 
     # 2. Their union in one dense table over the flat index: enc(e) = code(e) * T + best(e),
     #    code = the rank of c(e) among all prefix values (equal c, equal code), best = the
@@ -156,11 +157,13 @@ def decide(
     inf = torch.iinfo(torch.int64 if wide else torch.int32).max
     enc = torch.full((total,), inf, dtype=torch.int64 if wide else torch.int32, device=device)
     for ui, (o, code) in enumerate(zip(orders, codes)):
-        enc.scatter_reduce_(0, o, (code * n_units + ui).to(enc.dtype), "amin")
-    uniq = (enc != inf).nonzero().squeeze(1)  # the union, by flat index
+        enc.scatter_reduce_(0, o.long(), (code * n_units + ui).to(enc.dtype), "amin")
+    # the union, by flat index (int32; nonzero's int64 a chunk at a time)
+    uniq = torch.cat([(part != inf).nonzero().squeeze(1).int() + start for start, part in _chunks(enc)])
     e = enc.index_select(0, uniq)  # (index_select: a plain gather, several times faster on CPU)
     del enc  # the union's arrays hold all that is read from here on
-    c, best = e // n_units, e % n_units  # int32 unless wide: the union is up to T * k entries
+    best = (e % n_units).to(torch.int8 if n_units < 128 else torch.int32)
+    c = e.div_(n_units, rounding_mode="floor")  # int32 unless wide: the union is up to T * k entries
     del e
     pid = torch.searchsorted(g_starts, uniq, right=True, out_int32=True) - 1
     in_union = torch.bincount(pid, minlength=len(prunable))
@@ -187,7 +190,7 @@ def decide(
     # 4. Floors: the parameter's next best elements by c, credited to their best unit.
     kept = c <= r_code if r_code is not None else torch.ones_like(in_floor)
     extra = ~kept & in_floor
-    extra_idx, extra_best = [uniq[extra]], [best[extra].long()]
+    extra_idx, extra_best = [uniq[extra].long()], [best[extra].long()]
     deep = [(p, floors[i] - n) for i, (p, n) in enumerate(zip(prunable, in_union.tolist())) if floors[i] > n]
     if deep and math.isfinite(r):
         idx, who = _deep_floor_extras(deep, uniq, pid, normalised, domains, starts, numel, sizes,
@@ -198,7 +201,7 @@ def decide(
 
     if math.isfinite(r):
         flat = torch.zeros(total, dtype=torch.bool, device=device)
-        flat.index_fill_(0, uniq[kept], True)
+        flat.index_fill_(0, uniq[kept].long(), True)
         flat.index_fill_(0, extra_idx, True)
     else:
         flat = torch.ones(total, dtype=torch.bool, device=device)
@@ -210,7 +213,7 @@ def decide(
         for ui, u in enumerate(units):
             kept_u = torch.zeros(total, dtype=torch.bool, device=device)
             m_u = lens[ui] if r_code is None else int(torch.searchsorted(codes[ui], r_code, right=True))
-            kept_u.index_fill_(0, orders[ui][:m_u], True)
+            kept_u.index_fill_(0, orders[ui][:m_u].long(), True)
             kept_u.index_fill_(0, extra_idx[extra_best == ui], True)
             task_masks[u] = {p: kept_u[starts[p]:starts[p] + numel[p]].view(shapes[p]).clone() for p in domains[u]}
             del kept_u
