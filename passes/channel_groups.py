@@ -39,12 +39,15 @@ training flags back).
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 import numbers
+import operator
+import sys
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -52,6 +55,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+from .attention import shifted_window_attention
 from .errors import DisparseValueError, UnsupportedOpError
 from .rules import ChannelRule, Labels, describe, lookup_channel_rule
 from .rules._types import Const, LazyDim, TensorInfo
@@ -596,14 +600,15 @@ def _layer_norm_shape(m: nn.LayerNorm, x: torch.Tensor) -> Optional[Shape]:
 def _batch_norm_shape(m: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> Optional[Shape]:
     ranks = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}[type(m)]
     if x.dim() not in ranks or x.shape[1] != m.num_features or m.running_mean is None or \
-            not _same_dtype(x, m.weight, m.bias, m.running_mean, m.running_var):
+            not _same_dtype(x, m.weight, m.bias, m.running_mean, m.running_var) or not x.is_contiguous():
         return None
     return tuple(x.shape)
 
 
 def _conv_shape(m: nn.modules.conv._ConvNd, x: torch.Tensor) -> Optional[Shape]:
     n = len(m.kernel_size)
-    if x.dim() != n + 2 or x.shape[1] != m.in_channels or not _same_dtype(x, m.weight, m.bias):
+    if x.dim() != n + 2 or x.shape[1] != m.in_channels or not _same_dtype(x, m.weight, m.bias) or \
+            not x.is_contiguous():  # a channels-last input gives a channels-last output
         return None
     if isinstance(m.padding, str):
         if m.padding != "valid":
@@ -621,12 +626,32 @@ def _conv_shape(m: nn.modules.conv._ConvNd, x: torch.Tensor) -> Optional[Shape]:
     return (x.shape[0], m.out_channels, *size)
 
 
+def _activation_shape(m: nn.Module, x: torch.Tensor) -> Union[Shape, torch.Tensor, None]:
+    """An elementwise activation: in place it returns its input; else a new tensor shaped
+    (and, for a contiguous input, laid out) like it."""
+    if not x.is_floating_point():
+        return None
+    if getattr(m, "inplace", False):
+        return x
+    return tuple(x.shape) if x.is_contiguous() else None
+
+
+def _identity(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode Dropout and Identity return their input itself."""
+    return x
+
+
 #: Modules whose fake output :meth:`_Analysis._shape_only` makes from the input's shape
-#: (the function gives the output shape; dtype and device are the input's).
-_SHAPE_ONLY: Dict[type, Callable[[Any, torch.Tensor], Optional[Shape]]] = {
+#: (the function gives the output shape, dtype and device being the input's, or the
+#: output tensor itself, or None: run the module). Exact types only: a subclass may
+#: compute something else.
+_SHAPE_ONLY: Dict[type, Callable[[Any, torch.Tensor], Union[Shape, torch.Tensor, None]]] = {
     nn.Linear: _linear_shape, nn.LayerNorm: _layer_norm_shape,
     nn.Conv1d: _conv_shape, nn.Conv2d: _conv_shape, nn.Conv3d: _conv_shape,
     nn.BatchNorm1d: _batch_norm_shape, nn.BatchNorm2d: _batch_norm_shape, nn.BatchNorm3d: _batch_norm_shape,
+    **{t: _activation_shape for t in (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
+                                      nn.Sigmoid, nn.Tanh, nn.Mish)},
+    nn.Dropout: _identity, nn.Identity: _identity,
 }
 
 
@@ -656,6 +681,93 @@ def _cat_shape(n: fx.Node, env: Dict[fx.Node, Any]) -> Optional[Tuple[Shape, tor
     return tuple(shape), first
 
 
+def _add_shape(n: fx.Node, env: Dict[fx.Node, Any]) -> Optional[Tuple[Shape, torch.Tensor]]:
+    """``a + b`` of two contiguous tensors of one shape, dtype and device (a residual)."""
+    if len(n.args) != 2 or n.kwargs or not all(isinstance(a, fx.Node) for a in n.args):
+        return None
+    a, b = env[n.args[0]], env[n.args[1]]
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape or \
+            a.dtype != b.dtype or a.device != b.device or not a.is_contiguous() or not b.is_contiguous():
+        return None
+    return tuple(a.shape), a
+
+
+def _bound_args(n: fx.Node, env: Dict[fx.Node, Any]) -> Optional[Dict[str, Any]]:
+    """The node's arguments by parameter name, with their values, or None."""
+    try:
+        sig = _signature(n.target)
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    bound.apply_defaults()
+    return bound.arguments
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(fn: Callable) -> inspect.Signature:
+    return inspect.signature(fn)
+
+
+def _window_attention_shape(n: fx.Node, env: Dict[fx.Node, Any]) -> Optional[Tuple[Shape, torch.Tensor]]:
+    """Swin window attention (torchvision's or :func:`passes.attention.shifted_window_attention`)
+    of a ``(B, H, W, C)`` input with consistent weights: ``(B, H, W, proj_weight rows)``,
+    contiguous. v2 (``logit_scale``) runs the op."""
+    a = _bound_args(n, env)
+    if a is None or a.get("logit_scale") is not None:
+        return None
+    x, wqkv, wproj, bias = a["input"], a["qkv_weight"], a["proj_weight"], a["relative_position_bias"]
+    window, heads = a["window_size"], a["num_heads"]
+    tensors = [t for t in (x, wqkv, wproj, bias, a["qkv_bias"], a["proj_bias"]) if t is not None]
+    if not all(isinstance(t, torch.Tensor) and t.dtype == x.dtype for t in tensors) or x.dim() != 4 or \
+            wqkv.dim() != 2 or wproj.dim() != 2 or type(heads) is not int or heads <= 0 or \
+            not (isinstance(window, (list, tuple)) and len(window) == 2 and all(type(w) is int and w > 0 for w in window)):
+        return None
+    c = x.shape[3]
+    head_dim = a.get("head_dim") or (c // heads if c % heads == 0 else 0)
+    inner, out = heads * head_dim, wproj.shape[0]
+    if not head_dim or tuple(wqkv.shape) != (3 * inner, c) or tuple(wproj.shape) != (out, inner) or \
+            tuple(bias.shape) != (1, heads, window[0] * window[1], window[0] * window[1]) or \
+            (a["qkv_bias"] is not None and tuple(a["qkv_bias"].shape) != (3 * inner,)) or \
+            (a["proj_bias"] is not None and tuple(a["proj_bias"].shape) != (out,)):
+        return None
+    if "head_dim" not in a and out != c:
+        return None  # torchvision's version reshapes the output to C channels
+    return (*x.shape[:3], out), x
+
+
+def _relative_position_bias_shape(n: fx.Node, env: Dict[fx.Node, Any]) -> Optional[Tuple[Shape, torch.Tensor]]:
+    """torchvision Swin's ``_get_relative_position_bias(table (T, heads), index (N*N,),
+    window)``: ``(1, heads, N, N)``, contiguous."""
+    a = _bound_args(n, env)
+    if a is None:
+        return None
+    table, index, window = a["relative_position_bias_table"], a["relative_position_index"], a["window_size"]
+    if not isinstance(table, torch.Tensor) or not isinstance(index, torch.Tensor) or table.dim() != 2 or \
+            index.dim() != 1 or index.dtype not in (torch.long, torch.int) or \
+            not (isinstance(window, (list, tuple)) and len(window) == 2 and all(type(w) is int and w > 0 for w in window)):
+        return None
+    area = window[0] * window[1]
+    if index.numel() != area * area:
+        return None
+    return (1, table.shape[1], area, area), table
+
+
+def _shape_functions() -> Dict[Any, Callable[[fx.Node, Dict[fx.Node, Any]], Optional[Tuple[Shape, torch.Tensor]]]]:
+    """Functions whose fake output :meth:`_Analysis._shape_only` makes from the argument
+    shapes: ``fn(node, env) -> (output shape, tensor whose dtype and device it has)`` or
+    None (run the op). torchvision's Swin functions count when torchvision's Swin module
+    is loaded (a model that calls them has loaded it)."""
+    table = {torch.cat: _cat_shape, operator.add: _add_shape, torch.add: _add_shape,
+             shifted_window_attention: _window_attention_shape}
+    swin = sys.modules.get("torchvision.models.swin_transformer")
+    if swin is not None:
+        table[getattr(swin, "shifted_window_attention", None)] = _window_attention_shape
+        table[getattr(swin, "_get_relative_position_bias", None)] = _relative_position_bias_shape
+        table.pop(None, None)
+    return table
+
+
 class _Analysis(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, attention: str = "heads", unknown_ops: str = "raise"):
         super().__init__(gm, garbage_collect_values=True)
@@ -678,6 +790,7 @@ class _Analysis(fx.Interpreter):
         self.infos: Dict[fx.Node, Any] = {}
         self.input_specs: List[Any] = []
         self.fake_mode: Any = None
+        self.shape_functions = _shape_functions()
         self.submodules: Dict[str, nn.Module] = dict(gm.named_modules(remove_duplicate=False))
         # canonical names of parameters and buffers (tied weights share one name)
         self.tensors: Dict[str, torch.Tensor] = {}
@@ -758,14 +871,20 @@ class _Analysis(fx.Interpreter):
         return result
 
     def _shape_only(self, n: fx.Node) -> Optional[torch.Tensor]:
-        """The fake output of a Linear, convolution, LayerNorm or eval-mode BatchNorm, or
-        of a ``torch.cat``, made from its inputs' shapes, or None (run the op). On fake
+        """The fake output of a module of :data:`_SHAPE_ONLY` (Linear, convolution,
+        LayerNorm, eval-mode BatchNorm, activations, eval-mode Dropout) or of a function
+        of :func:`_shape_functions` (``torch.cat``, a residual add, Swin window attention),
+        made from its inputs' shapes, or None (run the op). On fake
         tensors these run as decompositions into many small ops (a cat of many inputs
         pays for hashing them all in the fake-tensor cache), which costs more than the
         rest of the analysis; their output shapes are known. The FakeTensor is built
         directly on a meta tensor (a tenth of the cost of ``torch.empty`` in the mode)."""
         if n.op == "call_function":
-            found = _cat_shape(n, self.env)
+            try:
+                shape_of_call = self.shape_functions.get(n.target)
+            except TypeError:  # an unhashable callable
+                shape_of_call = None
+            found = shape_of_call(n, self.env) if shape_of_call is not None else None
             if found is None:
                 return None
             shape, x = found
@@ -784,6 +903,8 @@ class _Analysis(fx.Interpreter):
             return None
         if not isinstance(x, FakeTensor) or x.fake_mode is not self.fake_mode:
             return None
+        if isinstance(shape, torch.Tensor):
+            return shape  # the module returns its input
         return FakeTensor(self.fake_mode, torch.empty(shape, dtype=x.dtype, device="meta"), x.device)
 
     def _analyse(self, n: fx.Node, result: Any) -> Any:

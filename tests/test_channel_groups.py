@@ -318,7 +318,8 @@ def test_fake_and_real_shape_propagation_agree():
 @pytest.mark.parametrize("seed", range(5))
 def test_atom_classes_match_a_plain_union_find(seed):
     """The bulk label propagation of the analysis gives every atom its class's smallest
-    atom, with unions added in several rounds (rules resolve atoms between rules)."""
+    atom, with unions added in several rounds (rules resolve atoms between rules), few
+    (the touched roots are numbered first) or many (propagation over all atoms)."""
     from disparse_fx.passes.channel_groups import _Atoms
 
     gen = torch.Generator().manual_seed(seed)
@@ -334,7 +335,7 @@ def test_atom_classes_match_a_plain_union_find(seed):
         start = atoms.add(200)
         parent.extend(range(start, start + 200))
         for _ in range(int(torch.randint(1, 6, (1,), generator=gen))):
-            n = int(torch.randint(0, 40, (1,), generator=gen))
+            n = int(torch.randint(0, 40, (1,), generator=gen)) * (1 if len(parent) % 400 else 30)  # few or many edges
             a = torch.randint(0, atoms.count, (n,), generator=gen)
             b = torch.randint(0, atoms.count, (n,), generator=gen)
             atoms.union(a, b)
@@ -344,3 +345,57 @@ def test_atom_classes_match_a_plain_union_find(seed):
         expected = [find(a) for a in range(atoms.count)]  # a class's root is its smallest atom
         assert atoms.roots().tolist() == expected
         assert atoms.resolve(torch.arange(atoms.count)).tolist() == expected
+
+
+def _fake_outputs(gm, x, monkeypatch, shape_path: bool):
+    """(node, shape, stride, dtype) of every tensor the analysis' fake run produces."""
+    from disparse_fx.passes import channel_groups as cg
+
+    seen = []
+    run_node = cg._Analysis.run_node
+
+    def recording(self, n):
+        out = run_node(self, n)
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                seen.append((n.name, tuple(t.shape), t.stride(), t.dtype, t.is_contiguous()))
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(cg._Analysis, "run_node", recording)
+        if not shape_path:
+            m.setattr(cg._Analysis, "_shape_only", lambda self, n: None)
+        groups = find_channel_groups(gm, (x,))
+    return seen, groups
+
+
+def _zoo_and_torchvision():
+    from .transformer_zoo import TRANSFORMER_ZOO
+    from .transformer_zoo import build as build_transformer
+
+    for name in sorted(CNN_ZOO):
+        yield f"cnn:{name}", lambda name=name: build(name)
+    for name in sorted(TRANSFORMER_ZOO):
+        yield f"transformer:{name}", lambda name=name: build_transformer(name)
+    for name, size in (("swin_t", 64), ("vit_b_16", 224), ("resnet18", 32), ("mobilenet_v3_small", 32)):
+        def tv(name=name, size=size):
+            torchvision = pytest.importorskip("torchvision")
+            torch.manual_seed(0)
+            return torchvision.models.get_model(name).eval(), torch.randn(1, 3, size, size)
+        yield f"torchvision:{name}", tv
+
+
+@pytest.mark.parametrize("name,make", list(_zoo_and_torchvision()), ids=[n for n, _ in _zoo_and_torchvision()])
+def test_shape_path_outputs_match_running_the_ops(name, make, monkeypatch):
+    """The fake outputs the analysis makes from input shapes (Linear, conv, norms,
+    activations, eval Dropout, cat, residual adds, Swin window attention) have the shape,
+    strides and dtype that running the op on fake tensors gives, so the groups agree."""
+    model, x = make()
+    gm = trace_model(model)
+    fast, groups_fast = _fake_outputs(gm, x, monkeypatch, shape_path=True)
+    slow, groups_slow = _fake_outputs(gm, x, monkeypatch, shape_path=False)
+    assert fast == slow
+    assert [(g.size, g.removable, g.reason, g.nodes) for g in groups_fast.groups] == \
+        [(g.size, g.removable, g.reason, g.nodes) for g in groups_slow.groups]
+    assert [[(m.param_name, m.dim, m.index.tolist()) for m in g.members] for g in groups_fast.groups] == \
+        [[(m.param_name, m.dim, m.index.tolist()) for m in g.members] for g in groups_slow.groups]
