@@ -22,6 +22,7 @@ trunks via disparse_fx.zoo.multitask_from_torchvision; CNNs at 128 px, transform
         # (default: resnet50 trunk, 3 and 5 tasks, 20 batches of 8x3x96x96, 3 repeats, then the analysis)
     python benchmarks/compress_cost.py --models tiny resnet50 vit_b_16 --tasks 2 3 4 5 --no-analysis
     python benchmarks/compress_cost.py --smoke --out /tmp/c.md   # tiny configuration (used by the tests)
+    python benchmarks/compress_cost.py --memory-only --score-dtypes float32 bfloat16   # peak memory only
 """
 from __future__ import annotations
 
@@ -256,6 +257,37 @@ def run(args) -> str:
     return header + table + "\n"
 
 
+def run_memory(args) -> str:
+    """Peak memory only (no timing): compress per granularity and score dtype against one
+    training step, each in a fresh process, with what the scores alone take."""
+    rows = []
+    for model_name in args.models:
+        for n_tasks in args.tasks:
+            model, data, losses = make_problem(n_tasks, 1, 1, args.size, model_name)
+            params_m = sum(p.numel() for p in model.parameters()) / 1e6
+            # score elements: each task's domain (data-free criterion: the same domains, no gradients)
+            plan = dfx.compress(model, losses, data, dfx.CompressConfig(criterion="magnitude", progress=False)).plan
+            score_elements = sum(plan.masks[p].numel() for p in plan.prunable for _ in plan.owners[p])
+            del model, data, plan
+            mem_train = peak_memory_mib("train", args, model_name, n_tasks)
+            for g, dt in variants(args):
+                mem = peak_memory_mib(f"compress-{g}-{dt}", args, model_name, n_tasks)
+                scores = score_elements * torch.finfo(getattr(torch, dt)).bits / 8 / 2 ** 20
+                rows.append([model_name, f"{params_m:.1f}", n_tasks, f"{args.batch_size}x{args.size}px",
+                             variant_label(g, dt), f"{mem_train:.0f}", f"{mem:.0f}", f"{mem / mem_train:.2f}",
+                             f"{scores:.0f}", f"{(mem - scores) / mem_train:.2f}"])
+    table = tabulate(rows, headers=["model", "params M", "tasks", "batch", "granularity (snip)",
+                                    "train step peak MiB", "compress peak MiB", "compress / train step",
+                                    "scores MiB (tasks' domains x bytes)", "(compress - scores) / train step"],
+                     tablefmt="github", disable_numparse=True)
+    return ("## Peak memory: compress() against one training step\n\n"
+            f"{args.batches} batches; peak RSS above the RSS before the call, one fresh process each, kernel "
+            "peak mark reset after the set-up (as above). 'train step': one forward and backward of the summed "
+            "task loss on one batch (its gradients: 4 bytes per parameter). compress holds one score tensor "
+            "per task over its prunable parameters for the whole importance pass - the scores column - on top "
+            "of the autograd graph of one batch, kept for the T backwards.\n\n" + table + "\n")
+
+
 #: The heads of the torchvision analysis models: a dense, a classification and a regression task.
 ANALYSIS_TASKS = {"seg": ("dense", 3), "cls": ("classify", 5), "reg": ("regress", 2)}
 #: Models that need their native resolution (patch embeddings, window sizes).
@@ -353,6 +385,8 @@ def main(argv=None):
     ap.add_argument("--out", type=pathlib.Path, default=None)
     ap.add_argument("--score-dtypes", nargs="+", choices=list(SCORE_DTYPES), default=["float32"],
                     help="CompressConfig.score_dtype values to measure (a row each)")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="only the peak memory of compress against a training step (no timing)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     _common.add_threads_argument(ap)
     args = ap.parse_args(argv)
@@ -366,7 +400,10 @@ def main(argv=None):
         args.score_dtypes = list(SCORE_DTYPES)
     out = _common.out_path(args.out, args.smoke, "compress_cost.md")
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    body = ("" if args.no_naive else run(args) + "\n") + ("" if args.no_analysis else run_analysis(args))
+    if args.memory_only:
+        body = run_memory(args)
+    else:
+        body = ("" if args.no_naive else run(args) + "\n") + ("" if args.no_analysis else run_analysis(args))
     _common.write(out, _common.header("Cost of compress()", started=started) + body)
     return 0
 

@@ -36,6 +36,16 @@ def test_compress_cost_smoke(tmp_path):
     _header_ok(text)
     assert "time ratio" in text and "memory ratio" in text
     assert "Analysis time" in text
+    assert "element 90%, bfloat16 scores" in text
+
+
+def test_compress_cost_memory_only_smoke(tmp_path):
+    out = tmp_path / "memory.md"
+    _check(_run("compress_cost.py", "--smoke", "--memory-only", "--out", str(out)))
+    text = out.read_text()
+    _header_ok(text)
+    assert "compress / train step" in text and "channel 50%, bfloat16 scores" in text
+    assert "time ratio" not in text
 
 
 def test_speed_budget_smoke(tmp_path, monkeypatch):
