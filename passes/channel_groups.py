@@ -1088,21 +1088,32 @@ class _Analysis(fx.Interpreter):
         def groups_of(gl: np.ndarray) -> List[int]:
             """The groups of channels ``gl``, in increasing order."""
             grp = group_t[gl]
-            if grp.size and grp.min() == grp.max():
-                return [int(grp[0])]
+            if not grp.size:
+                return []
+            lo, hi = int(grp.min()), int(grp.max())
+            if lo == hi:
+                return [lo]
+            if hi - lo < 4 * grp.size:  # a dense range of groups: count them (no sort)
+                return (np.flatnonzero(np.bincount(grp - lo)) + lo).tolist()
             return _sorted_unique(grp).tolist()
 
         # members
         members: List[List[GroupMember]] = [[] for _ in range(num_groups)]
+        offsets_np = np.asarray(offsets, dtype=np.int64)
         for (name, dim), lab in self.members.items():
             gl = gids(lab)
             in_groups = groups_of(gl)
-            grp = group_t[gl] if len(in_groups) > 1 else None
-            for g in in_groups:
-                index = gl - offsets[g]
-                if grp is not None:
-                    index = np.where(grp == g, index, -1)
-                members[g].append(GroupMember(name, dim, torch.from_numpy(index), name in self.buffer_names))
+            is_buffer = name in self.buffer_names
+            if len(in_groups) == 1:
+                g = in_groups[0]
+                members[g].append(GroupMember(name, dim, torch.from_numpy(gl - offsets[g]), is_buffer))
+                continue
+            # one row per group: the slice's channel in that group, -1 for the other groups' slices
+            grp = group_t[gl]
+            rows = np.full((len(in_groups), gl.size), -1, dtype=np.int64)
+            rows[np.searchsorted(in_groups, grp), np.arange(gl.size)] = gl - offsets_np[grp]
+            for g, index in zip(in_groups, torch.from_numpy(rows)):
+                members[g].append(GroupMember(name, dim, index.clone(), is_buffer))
         # removability
         reasons: Dict[int, str] = {}
         for lab, why in self.pins:

@@ -5,6 +5,7 @@ It lives in the lower layer because passes raise these errors and must not impor
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import re
@@ -61,6 +62,7 @@ def describe_node(node: fx.Node, gm: Optional[fx.GraphModule] = None) -> str:
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n[ \t]*([^\n]*)')
 
 
+@functools.lru_cache(maxsize=None)
 def _is_tracer_file(path: str) -> bool:
     """Frames of passes/trace.py (its tracer, and its stand-ins for torch's transformer
     layers) are ours, not the user's."""
