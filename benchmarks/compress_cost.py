@@ -358,8 +358,10 @@ def run_analysis(args) -> str:
     return ("## Analysis time vs Torch-Pruning's dependency graph\n\n"
             f"3-task models (heads {ANALYSIS_TASKS}), input 1x3xPxP (P in the table), {args.repeats} interleaved "
             f"repeats, medians; torch-pruning {getattr(tp, '__version__', '?')}. Ratio below 1: our analysis is "
-            "faster. Our channel groups run shape propagation on fake tensors (Linear, conv, LayerNorm and "
-            "BatchNorm outputs made from their input shapes); Torch-Pruning runs a real forward and walks "
+            "faster. Our channel groups run shape propagation on fake tensors, with the outputs of the common "
+            "ops made from their input shapes instead of running them (Linear, conv, LayerNorm, BatchNorm, "
+            "activations, eval-mode Dropout and Identity, cat, residual adds of same-shaped tensors, Swin "
+            "window attention); Torch-Pruning runs a real forward and walks "
             "autograd's graph. The group counts are not the same notion (ours include fixed groups, e.g. the "
             "task outputs; TP's count prunable groups only), so compare them only loosely. 'failed': "
             "Torch-Pruning raised (the error is in the last column).\n\n" + table + "\n")
