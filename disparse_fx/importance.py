@@ -3,11 +3,14 @@
 For each batch the model runs ONE forward pass; then each task's loss (on its own
 output only) is back-propagated (``backward(inputs=...)``) to the parameters of that
 task's domain alone, keeping the autograd graph between the backwards. A
-post-accumulate-grad hook on each parameter folds its gradient into the task's score
-and frees it at once, so memory holds one float32 score tensor per task and parameter
-plus the autograd graph, never a task's whole gradient (bfloat16 with
-``CompressConfig(score_dtype="bfloat16")``: half of it; each contribution is computed in
-float32 and added to the stored sum). (Batched vector-Jacobian
+post-accumulate-grad hook on each parameter adds |gradient| to the task's running sum
+and frees the gradient at once, so memory holds one float32 score tensor per task and
+parameter plus the autograd graph, never a task's whole gradient (bfloat16 with
+``CompressConfig(score_dtype="bfloat16")``: half of it; each |gradient| is taken in
+float32 and added to the stored sum). The weights do not change while they are scored,
+so the criterion's weight factor (|w| for snip, w^2 for taylor) multiplies the sum once
+at the end: sum_b |g_b * w| = |w| * sum_b |g_b|, one elementwise pass per backward
+instead of three (3-task resnet50 trunk: about 0.05 s of each backward). (Batched vector-Jacobian
 products over the stacked losses, ``torch.autograd.grad(..., is_grads_batched=True)``,
 measured no faster on CPU and hold T gradients at once: 3-task resnet18 trunk, batch 4,
 64 px, 19.5-21.2 s vs 20.6-21.9 s per batch; 3-task resnet50 trunk, batch 8, 96 px, one
@@ -23,7 +26,7 @@ Criteria (method.md), accumulated in ``config.score_dtype`` (float32 by default)
 the weights' dtype:
 
 =========  ============================================
-snip       sum over batches of |g_t * w|
+snip       sum over batches of |g_t * w|  (= |w| * sum of |g_t|)
 taylor     w^2 * sum over batches of |g_t|
 magnitude  |w|  (data-free; identical for every task)
 random     seeded uniform, one draw per task
@@ -127,7 +130,6 @@ def _gradient_scores(gm, units, params, task_losses, data, inputs, config) -> Ta
     names_in_gm = _gm_names(gm, params)
     grad_acc = {u: flat_scores({p: params[p].shape for p in d}, device, config.score_torch_dtype)
                 for u, d in units.items()}
-    snip = config.criterion == "snip"
     batches = 0
     bar = tqdm(total=config.batch_limit, desc="importance", unit="batch",
                disable=not (config.progress and sys.stderr.isatty()), leave=False)
@@ -145,7 +147,7 @@ def _gradient_scores(gm, units, params, task_losses, data, inputs, config) -> Ta
             # Each gradient is folded into its unit's score as soon as autograd has it and
             # then freed, so no unit's full set of gradients is ever held at once.
             current = [None]
-            hooks = [leaf.register_post_accumulate_grad_hook(_accumulate(p, current, grad_acc, snip))
+            hooks = [leaf.register_post_accumulate_grad_hook(_accumulate(p, current, grad_acc))
                      for p, leaf in leaves.items()]
             try:
                 for i, (u, loss) in enumerate(todo):
@@ -176,10 +178,10 @@ def _gradient_scores(gm, units, params, task_losses, data, inputs, config) -> Ta
                 f"({len(acc)} parameters, {batches} batches); its loss does not depend on them - "
                 "check the loss function (detached output? constant?) or drop the task"
             )
-    if not snip:  # taylor: w^2 * sum |g|
-        for u, acc in grad_acc.items():
-            for p in acc:
-                acc[p] *= params[p].detach().float().square()
+    for u, acc in grad_acc.items():  # the weight factor, once: snip |w|, taylor w^2
+        for p in acc:
+            w = params[p].detach().float()  # (the parameter itself when float32: no in-place op)
+            acc[p] *= w.abs() if config.criterion == "snip" else w.square()
     return TaskScores(grad_acc, units, batches)
 
 
@@ -211,16 +213,18 @@ def joined(parts: Mapping[str, torch.Tensor], dom: Sequence[str]) -> torch.Tenso
     return torch.cat([parts[p].reshape(-1) for p in dom])
 
 
-def _accumulate(p, current, grad_acc, snip):
-    """Post-accumulate-grad hook of leaf ``p``: add its gradient to the current unit's score."""
+def _accumulate(p, current, grad_acc):
+    """Post-accumulate-grad hook of leaf ``p``: add |its gradient| to the current unit's sum.
+
+    The gradient is taken from ``leaf.grad`` (which is cleared), so nothing else holds it
+    and its absolute value is taken in place."""
 
     def hook(leaf: torch.Tensor) -> None:
         g, leaf.grad = leaf.grad, None
         acc = grad_acc[current[0]].get(p)
         if g is None or acc is None:
             return
-        g = g.float()
-        acc += (g * leaf.detach().float()).abs() if snip else g.abs()
+        acc += g.float().abs_()
 
     return hook
 
