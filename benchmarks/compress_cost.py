@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import itertools
 import json
+import os
 import pathlib
 import platform
 import resource
@@ -140,11 +142,48 @@ def train_step(model, data, losses):
 
 def peak_memory_mib(method: str, args, model_name: str, n_tasks: int) -> float:
     """Peak RSS growth of one run of ``method`` in a fresh process (MiB), set-up excluded."""
+    return memory_run(method, args, model_name, n_tasks)["peak_mib"]
+
+
+def memory_run(method: str, args, model_name: str, n_tasks: int) -> dict:
+    """One run of ``method`` in a fresh process: {"peak_mib": peak RSS growth, set-up
+    excluded} and, for compress, what the returned result holds (:func:`returned_mib`).
+    With ``args.malloc_mmap_threshold`` the child runs under glibc's
+    ``MALLOC_MMAP_THRESHOLD_`` (allocations from that size on are mapped and unmapped on
+    their own instead of fragmenting the heap)."""
     cmd = [sys.executable, __file__, "--child", method, "--tasks", str(n_tasks), "--batches", str(args.batches),
            "--batch-size", str(args.batch_size), "--size", str(args.size), "--models", model_name,
            "--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    env = dict(os.environ)
+    if getattr(args, "malloc_mmap_threshold", None):
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def returned_mib(result, model) -> dict:
+    """MiB held by what compress returns and the user's model does not: the per-task scores,
+    the per-task and final masks, and the masked model's own tensors (its copy of the
+    weights), each storage counted once."""
+    before = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    seen = set(before)
+
+    def mib(tensors) -> float:
+        total = 0
+        for t in tensors:
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+        return total / 2 ** 20
+
+    plan = result.plan
+    scores = mib(t for per in plan.task_scores.values() for t in per.values())
+    masks = mib(itertools.chain((t for per in plan.task_masks.values() for t in per.values()),
+                                plan.masks.values()))
+    model_copy = mib(itertools.chain(result.model.parameters(), result.model.buffers()))
+    return {"scores_mib": scores, "masks_mib": masks, "model_mib": model_copy,
+            "returned_mib": scores + masks + model_copy}
 
 
 def child(method: str, args) -> None:
@@ -167,9 +206,10 @@ def child(method: str, args) -> None:
         train_step(model, data, losses)
     else:
         _, granularity, score_dtype = method.split("-")
-        dfx.compress(model, losses, data, compress_config(granularity, args.batches, score_dtype))
+        result = dfx.compress(model, losses, data, compress_config(granularity, args.batches, score_dtype))
     peak = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
-    print(json.dumps({"peak_mib": (peak - before) / 1024}))
+    held = returned_mib(result, model) if method.startswith("compress") else {}
+    print(json.dumps({"peak_mib": (peak - before) / 1024, **held}))
 
 
 def _status_kib(field: str) -> int:
@@ -259,33 +299,38 @@ def run(args) -> str:
 
 def run_memory(args) -> str:
     """Peak memory only (no timing): compress per granularity and score dtype against one
-    training step, each in a fresh process, with what the scores alone take."""
+    training step, each in a fresh process, with what compress's result holds."""
     rows = []
     for model_name in args.models:
         for n_tasks in args.tasks:
-            model, data, losses = make_problem(n_tasks, 1, 1, args.size, model_name)
+            model, _, _ = make_problem(n_tasks, 1, 1, args.size, model_name)
             params_m = sum(p.numel() for p in model.parameters()) / 1e6
-            # score elements: each task's domain (data-free criterion: the same domains, no gradients)
-            plan = dfx.compress(model, losses, data, dfx.CompressConfig(criterion="magnitude", progress=False)).plan
-            score_elements = sum(plan.masks[p].numel() for p in plan.prunable for _ in plan.owners[p])
-            del model, data, plan
+            del model
             mem_train = peak_memory_mib("train", args, model_name, n_tasks)
             for g, dt in variants(args):
-                mem = peak_memory_mib(f"compress-{g}-{dt}", args, model_name, n_tasks)
-                scores = score_elements * torch.finfo(getattr(torch, dt)).bits / 8 / 2 ** 20
+                run = memory_run(f"compress-{g}-{dt}", args, model_name, n_tasks)
+                mem, held = run["peak_mib"], run["returned_mib"]
                 rows.append([model_name, f"{params_m:.1f}", n_tasks, f"{args.batch_size}x{args.size}px",
                              variant_label(g, dt), f"{mem_train:.0f}", f"{mem:.0f}", f"{mem / mem_train:.2f}",
-                             f"{scores:.0f}", f"{(mem - scores) / mem_train:.2f}"])
+                             f"{held:.0f} = {run['scores_mib']:.0f} + {run['masks_mib']:.0f} + {run['model_mib']:.0f}",
+                             f"{held / mem_train:.2f}"])
     table = tabulate(rows, headers=["model", "params M", "tasks", "batch", "granularity (snip)",
                                     "train step peak MiB", "compress peak MiB", "compress / train step",
-                                    "scores MiB (tasks' domains x bytes)", "(compress - scores) / train step"],
+                                    "result MiB = scores + masks + model copy", "result / train step"],
                      tablefmt="github", disable_numparse=True)
+    threshold = getattr(args, "malloc_mmap_threshold", None)
+    allocator = (f"Every child ran with MALLOC_MMAP_THRESHOLD_={threshold} (glibc: allocations from that many "
+                 "bytes on are mapped and returned to the system when freed, instead of staying in the heap). "
+                 if threshold else "glibc's default allocator settings. ")
     return ("## Peak memory: compress() against one training step\n\n"
             f"{args.batches} batches; peak RSS above the RSS before the call, one fresh process each, kernel "
             "peak mark reset after the set-up (as above). 'train step': one forward and backward of the summed "
-            "task loss on one batch (its gradients: 4 bytes per parameter). compress holds one score tensor "
-            "per task over its prunable parameters for the whole importance pass - the scores column - on top "
-            "of the autograd graph of one batch, kept for the T backwards.\n\n" + table + "\n")
+            "task loss on one batch (its gradients: 4 bytes per parameter). 'result': what the returned "
+            "CompressionResult holds that the user's model does not, each storage once - plan.task_scores "
+            "(one score tensor per task over its domain, api.md), plan.task_masks and plan.masks (1 byte an "
+            "element), and the masked model's copy of the weights (the user's model is not mutated). It is a "
+            "floor of compress's peak: the result exists at the end of the call. " + allocator + "\n\n"
+            + table + "\n")
 
 
 #: The heads of the torchvision analysis models: a dense, a classification and a regression task.
@@ -389,6 +434,8 @@ def main(argv=None):
                     help="CompressConfig.score_dtype values to measure (a row each)")
     ap.add_argument("--memory-only", action="store_true",
                     help="only the peak memory of compress against a training step (no timing)")
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                    help="run the memory children with glibc's MALLOC_MMAP_THRESHOLD_=BYTES (e.g. 1048576)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     _common.add_threads_argument(ap)
     args = ap.parse_args(argv)

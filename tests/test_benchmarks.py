@@ -146,3 +146,37 @@ def test_gpu_without_gpu_exits_zero(tmp_path, extra):
     _check(proc)
     assert "no CUDA GPU" in proc.stdout
     assert not (tmp_path / "gpu.md").exists()
+
+
+def test_compress_cost_result_memory_counts_each_storage_once(monkeypatch):
+    """The 'result' column of --memory-only: the per-task scores (4 or 2 bytes an element of
+    each task's domain), the masks (1 byte an element) and the masked model's own tensors."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import compress_cost as cc
+
+    model, data, losses = cc.make_problem(2, 1, 2, 32, "tiny")
+    own = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2 ** 20
+    for dtype, nbytes in (("float32", 4), ("bfloat16", 2)):
+        result = cc.dfx.compress(model, losses, data, cc.compress_config("element", 1, dtype))
+        plan = result.plan
+        got = cc.returned_mib(result, model)
+        domains = sum(plan.masks[p].numel() for p in plan.prunable for _ in plan.owners[p])
+        assert got["scores_mib"] == pytest.approx(domains * nbytes / 2 ** 20)
+        masks = sum(m.numel() for per in plan.task_masks.values() for m in per.values())
+        assert got["masks_mib"] == pytest.approx((masks + sum(m.numel() for m in plan.masks.values())) / 2 ** 20)
+        assert own <= got["model_mib"] <= 3 * own  # a copy of the weights and buffers, plus the mask buffers
+        assert got["returned_mib"] == pytest.approx(got["scores_mib"] + got["masks_mib"] + got["model_mib"])
+        assert cc.returned_mib(result, result.model)["model_mib"] == 0  # storages already held are not counted
+
+
+def test_compress_cost_memory_only_with_mmap_threshold(tmp_path):
+    out = tmp_path / "memory.md"
+    _check(_run("compress_cost.py", "--smoke", "--memory-only", "--malloc-mmap-threshold", "1048576",
+                "--out", str(out)))
+    text = out.read_text()
+    assert "MALLOC_MMAP_THRESHOLD_=1048576" in text
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 4
+    for row in rows:
+        total, parts = row[9].split("=")
+        assert abs(float(total) - sum(float(x) for x in parts.split("+"))) <= 1.5  # each rounded to 1 MiB
