@@ -9,10 +9,13 @@ The pass returns a NEW GraphModule (its input is deep-copied, never edited) in w
 - any other leaf module holding a masked parameter is called through
   ``torch.func.functional_call`` with the masked tensor substituted.
 
-Masks are float buffers registered next to their weight (``conv1.weight`` ->
+Masks are bool buffers registered next to their weight (``conv1.weight`` ->
 ``conv1.weight_mask``), so the model deep-copies, saves its state_dict and trains
 like any module: the effective weight of a pruned element is exactly zero and gets a
-zero gradient. Pruned elements of the stored weights are zeroed too.
+zero gradient. Pruned elements of the stored weights are zeroed too. (bool: one byte an
+element where a float mask took four - on a resnet50 trunk 71 MiB less per masked
+model; ``weight * mask`` promotes the mask to the weight's dtype, and ``model.half()``
+and friends leave it alone.)
 
 >>> import torch, torch.nn as nn
 >>> from disparse_fx.passes.trace import trace_model
@@ -151,7 +154,7 @@ def insert_masks(gm: fx.GraphModule, masks: Mapping[str, torch.Tensor]) -> fx.Gr
         p = params[name]
         owner_path, _, leaf = name.rpartition(".")
         owner = out.get_submodule(owner_path)
-        buf = mask.to(device=p.device, dtype=p.dtype).clone()
+        buf = mask.to(device=p.device, dtype=torch.bool, copy=True)
         owner.register_buffer(leaf + MASK_SUFFIX, buf)
         with torch.no_grad():
             p.mul_(buf)
