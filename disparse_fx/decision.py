@@ -90,7 +90,7 @@ import torch
 from .config import CompressConfig
 from .importance import SUMMED, TaskScores, joined
 
-__all__ = ["Decision", "decide", "layer_floor"]
+__all__ = ["Decision", "decide", "layer_floor", "normalise_scores_"]
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,7 @@ def decide(
     units = list(scores.scores)
     domains = {u: tuple(scores.domains[u]) for u in units}
     device = next(iter(next(iter(scores.scores.values())).values())).device
-    seen: set = set()
-    normalised = {u: _normalise_(scores.scores[u], domains[u], seen) for u in units}
+    normalised = normalise_scores_(scores)
     sizes = {u: sum(numel[p] for p in domains[u]) for u in units}
     floors = [layer_floor(numel[p], config.min_layer_density) for p in prunable]
     target_kept = max(round((1.0 - config.sparsity) * total), 1)
@@ -223,6 +222,15 @@ def decide(
         summed = normalised[SUMMED]
         task_scores = {t: {p: summed[p] for p in dom} for t, dom in task_domains.items()}
     return Decision(task_masks=task_masks, masks=masks, keep_ratio=float(r), task_scores=task_scores)
+
+
+def normalise_scores_(scores: TaskScores) -> Dict[Hashable, Dict[str, torch.Tensor]]:
+    """Each unit's scores divided by their sum over its domain, in place: {unit: {param:
+    score}} summing to 1 per unit (a unit whose scores are all zero stays zero). The
+    score tensors are compress's own (made by the importance pass), so no copy of every
+    score is made; a tensor that appears twice is copied before its second division."""
+    seen: set = set()
+    return {u: _normalise_(parts, tuple(scores.domains[u]), seen) for u, parts in scores.scores.items()}
 
 
 def _normalise_(parts: Mapping[str, torch.Tensor], dom: Sequence[str], seen: set) -> Dict[str, torch.Tensor]:
