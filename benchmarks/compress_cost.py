@@ -155,7 +155,7 @@ def memory_run(method: str, args, model_name: str, n_tasks: int) -> dict:
            "--batch-size", str(args.batch_size), "--size", str(args.size), "--models", model_name,
            "--threads", str(args.threads)]
     env = dict(os.environ)
-    if getattr(args, "malloc_mmap_threshold", None):
+    if args.malloc_mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -165,8 +165,7 @@ def returned_mib(result, model) -> dict:
     """MiB held by what compress returns and the user's model does not: the per-task scores,
     the per-task and final masks, and the masked model's own tensors (its copy of the
     weights), each storage counted once."""
-    before = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
-    seen = set(before)
+    seen = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
 
     def mib(tensors) -> float:
         total = 0
@@ -318,7 +317,7 @@ def run_memory(args) -> str:
                                     "train step peak MiB", "compress peak MiB", "compress / train step",
                                     "result MiB = scores + masks + model copy", "result / train step"],
                      tablefmt="github", disable_numparse=True)
-    threshold = getattr(args, "malloc_mmap_threshold", None)
+    threshold = args.malloc_mmap_threshold
     allocator = (f"Every child ran with MALLOC_MMAP_THRESHOLD_={threshold} (glibc: allocations from that many "
                  "bytes on are mapped and returned to the system when freed, instead of staying in the heap). "
                  if threshold else "glibc's default allocator settings. ")

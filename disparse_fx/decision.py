@@ -90,7 +90,7 @@ import torch
 from .config import CompressConfig
 from .importance import SUMMED, TaskScores, joined
 
-__all__ = ["Decision", "decide", "layer_floor", "normalise_scores_"]
+__all__ = ["Decision", "decide", "layer_floor", "normalise_scores_", "task_scores_of"]
 
 
 @dataclass(frozen=True)
@@ -216,11 +216,9 @@ def decide(
             kept_u.index_fill_(0, extra_idx[extra_best == ui], True)
             task_masks[u] = {p: kept_u[starts[p]:starts[p] + numel[p]].view(shapes[p]).clone() for p in domains[u]}
             del kept_u
-        task_scores = normalised
     else:  # one global decision: every task sees the final mask over its domain
         task_masks = {t: {p: masks[p] for p in dom} for t, dom in task_domains.items()}
-        summed = normalised[SUMMED]
-        task_scores = {t: {p: summed[p] for p in dom} for t, dom in task_domains.items()}
+    task_scores = task_scores_of(normalised, task_domains, config.disentangle)
     return Decision(task_masks=task_masks, masks=masks, keep_ratio=float(r), task_scores=task_scores)
 
 
@@ -231,6 +229,17 @@ def normalise_scores_(scores: TaskScores) -> Dict[Hashable, Dict[str, torch.Tens
     score is made; a tensor that appears twice is copied before its second division."""
     seen: set = set()
     return {u: _normalise_(parts, tuple(scores.domains[u]), seen) for u, parts in scores.scores.items()}
+
+
+def task_scores_of(normalised: Mapping[Hashable, Dict[str, torch.Tensor]],
+                   task_domains: Mapping[Hashable, Sequence[str]], disentangle: bool
+                   ) -> Dict[Hashable, Dict[str, torch.Tensor]]:
+    """Plan.task_scores from the units' normalised scores: the units themselves when they
+    are the tasks, else the summed score seen over each task's domain."""
+    if disentangle:
+        return dict(normalised)
+    summed = normalised[SUMMED]
+    return {t: {p: summed[p] for p in dom} for t, dom in task_domains.items()}
 
 
 def _normalise_(parts: Mapping[str, torch.Tensor], dom: Sequence[str], seen: set) -> Dict[str, torch.Tensor]:

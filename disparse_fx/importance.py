@@ -178,10 +178,13 @@ def _gradient_scores(gm, units, params, task_losses, data, inputs, config) -> Ta
                 f"({len(acc)} parameters, {batches} batches); its loss does not depend on them - "
                 "check the loss function (detached output? constant?) or drop the task"
             )
-    for u, acc in grad_acc.items():  # the weight factor, once: snip |w|, taylor w^2
-        for p in acc:
-            w = params[p].detach().float()  # (the parameter itself when float32: no in-place op)
-            acc[p] *= w.abs() if config.criterion == "snip" else w.square()
+    # the weight factor, once per parameter (a shared one is in T units): snip |w|, taylor w^2
+    for p in dict.fromkeys(p for acc in grad_acc.values() for p in acc):
+        w = params[p].detach().float()  # (the parameter itself when float32: no in-place op)
+        factor = w.abs() if config.criterion == "snip" else w.square()
+        for acc in grad_acc.values():
+            if p in acc:
+                acc[p] *= factor
     return TaskScores(grad_acc, units, batches)
 
 

@@ -13,9 +13,9 @@ Masks are bool buffers registered next to their weight (``conv1.weight`` ->
 ``conv1.weight_mask``), so the model deep-copies, saves its state_dict and trains
 like any module: the effective weight of a pruned element is exactly zero and gets a
 zero gradient. Pruned elements of the stored weights are zeroed too. (bool: one byte an
-element where a float mask took four - on a resnet50 trunk 71 MiB less per masked
-model; ``weight * mask`` promotes the mask to the weight's dtype, and ``model.half()``
-and friends leave it alone.)
+element where a float mask took four - the 3-task resnet50 trunk's masked copy holds
+119 MiB instead of 189, benchmarks/results/compress_cost_memory.md; ``weight * mask``
+promotes the mask to the weight's dtype, and ``model.half()`` and friends leave it alone.)
 
 >>> import torch, torch.nn as nn
 >>> from disparse_fx.passes.trace import trace_model
