@@ -57,6 +57,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from .attention import shifted_window_attention
 from .errors import DisparseValueError, UnsupportedOpError
+from .gc_pause import paused_gc
 from .rules import ChannelRule, Labels, describe, lookup_channel_rule
 from .rules._types import Const, LazyDim, TensorInfo
 from .rules.attention import find_head_splits
@@ -791,7 +792,7 @@ class _Analysis(fx.Interpreter):
         self.input_specs: List[Any] = []
         self.fake_mode: Any = None
         self.shape_functions = _shape_functions()
-        self.submodules: Dict[str, nn.Module] = dict(gm.named_modules(remove_duplicate=False))
+        self.submodules: Dict[str, nn.Module] = {}  # filled on use: walking the whole tree costs more
         # canonical names of parameters and buffers (tied weights share one name)
         self.tensors: Dict[str, torch.Tensor] = {}
         self.alias: Dict[str, str] = {}
@@ -806,6 +807,10 @@ class _Analysis(fx.Interpreter):
                     self.tensors[name] = t
                     if kind == "b":
                         self.buffer_names.add(name)
+        # modules that hold a parameter or buffer, themselves or below: asked of every
+        # call_module node, and module.parameters() walks the tree each time
+        self.tensor_owners = {name.rsplit(".", i)[0] for name in self.alias
+                              for i in range(1, name.count(".") + 1)}
 
     def submodule(self, target: str) -> nn.Module:
         """The submodule ``target`` (looked up once: rules and checks ask for it often)."""
@@ -954,8 +959,7 @@ class _Analysis(fx.Interpreter):
         """Whether ``n`` reads a channel: an argument with channel (or lazily labelled) dims,
         a count that depends on channels, or a called module's own tensors."""
         if n.op == "call_module":
-            mod = self.submodule(n.target)
-            if next(mod.parameters(), None) is not None or next(mod.buffers(), None) is not None:
+            if n.target in self.tensor_owners:
                 return True
         found = False
 
@@ -1097,23 +1101,52 @@ class _Analysis(fx.Interpreter):
                 return (np.flatnonzero(np.bincount(grp - lo)) + lo).tolist()
             return _sorted_unique(grp).tolist()
 
-        # members
+        # members: every (parameter, dim) slice vector at once. A member in one group gets
+        # its vector of group channels; one that spans k groups (a conv after a concat)
+        # gets k rows, each with -1 where another group's slices sit. All index vectors
+        # are views of two flat blocks, cut by one torch.split: ~4000 members (densenet121)
+        # made one by one cost more than the rest of the result.
         members: List[List[GroupMember]] = [[] for _ in range(num_groups)]
         offsets_np = np.asarray(offsets, dtype=np.int64)
-        for (name, dim), lab in self.members.items():
-            gl = gids(lab)
-            in_groups = groups_of(gl)
-            is_buffer = name in self.buffer_names
-            if len(in_groups) == 1:
-                g = in_groups[0]
-                members[g].append(GroupMember(name, dim, torch.from_numpy(gl - offsets[g]), is_buffer))
-                continue
-            # one row per group: the slice's channel in that group, -1 for the other groups' slices
-            grp = group_t[gl]
-            rows = np.full((len(in_groups), gl.size), -1, dtype=np.int64)
-            rows[np.searchsorted(in_groups, grp), np.arange(gl.size)] = gl - offsets_np[grp]
-            for g, index in zip(in_groups, torch.from_numpy(rows)):
-                members[g].append(GroupMember(name, dim, index.clone(), is_buffer))
+        member_keys = list(self.members)
+        if member_keys:
+            labs = [_np(lab) for lab in self.members.values()]
+            lens = np.array([a.size for a in labs], dtype=np.int64)
+            gl_all = gid_of_atom[np.concatenate(labs)]
+            grp_all = group_t[gl_all]
+            local_all = gl_all - offsets_np[grp_all]
+            seg = np.repeat(np.arange(lens.size, dtype=np.int64), lens)
+            # the (member, group) pairs, member-major and groups increasing: the distinct
+            # keys of the runs (a member's slices come in runs of one group)
+            pair_key = seg * max(num_groups, 1) + grp_all
+            run_start = np.flatnonzero(np.concatenate(([True], pair_key[1:] != pair_key[:-1])))
+            pairs = np.unique(pair_key[run_start])
+            pair_member, pair_group = np.divmod(pairs, max(num_groups, 1))
+            k = np.bincount(pair_member, minlength=lens.size)  # groups per member
+            first_pair = np.concatenate(([0], np.cumsum(k)[:-1]))
+            multi = k > 1
+            # rows of the members in several groups, in one block filled with -1
+            row_len = np.repeat(lens, k)  # one row per pair
+            multi_rows = np.repeat(multi, k)
+            row_base = np.concatenate(([0], np.cumsum(np.where(multi_rows, row_len, 0))[:-1]))
+            block = np.full(int(row_len[multi_rows].sum()), -1, dtype=np.int64)
+            in_multi = multi[seg]
+            if in_multi.any():
+                e = np.flatnonzero(in_multi)
+                row = np.searchsorted(pairs, pair_key[e])  # the pair of each slice
+                pos = e - (np.cumsum(lens) - lens)[seg[e]]  # the slice's place in its vector
+                block[row_base[row] + pos] = local_all[e]
+            single_views = torch.from_numpy(local_all).split(lens.tolist())
+            multi_views = torch.from_numpy(block).split(row_len[multi_rows].tolist())
+            is_buffer = [name in self.buffer_names for name, _ in member_keys]
+            mv = iter(multi_views)
+            pair_group_l, first_l, k_l = pair_group.tolist(), first_pair.tolist(), k.tolist()
+            for m, ((name, dim), view) in enumerate(zip(member_keys, single_views)):
+                if k_l[m] == 1:
+                    members[pair_group_l[first_l[m]]].append(GroupMember(name, dim, view, is_buffer[m]))
+                else:
+                    for g in pair_group_l[first_l[m]:first_l[m] + k_l[m]]:
+                        members[g].append(GroupMember(name, dim, next(mv), is_buffer[m]))
         # removability
         reasons: Dict[int, str] = {}
         for lab, why in self.pins:
@@ -1135,7 +1168,7 @@ class _Analysis(fx.Interpreter):
         node_shapes: Dict[str, Any] = {}
         size_dependent: Dict[str, Any] = {}
         group_nodes: List[List[str]] = [[] for _ in range(num_groups)]
-        pieces: Dict[Tuple[int, ...], None] = {}
+        pieces: Dict[bytes, None] = {}  # the increasing channels of an atom vector, as int64 bytes
 
         known: Dict[int, Tuple[torch.Tensor, torch.Tensor, List[int]]] = {}  # id(atoms) -> their channels
 
@@ -1144,7 +1177,7 @@ class _Analysis(fx.Interpreter):
             if hit is None or hit[0] is not lab:  # one atom vector is shared by many nodes
                 gl = gids(lab)
                 u = _sorted_unique(gl)
-                pieces.setdefault(tuple(u.tolist()), None)
+                pieces.setdefault(u.tobytes(), None)
                 hit = known[id(lab)] = (lab, torch.from_numpy(gl), groups_of(u))
             return hit[1], hit[2]
 
@@ -1177,7 +1210,7 @@ class _Analysis(fx.Interpreter):
         keep_one_of: List[List[torch.Tensor]] = [[] for _ in range(num_groups)]
         nonempty: List[torch.Tensor] = []
         for key in pieces:
-            u = np.array(key, dtype=np.int64)
+            u = np.frombuffer(key, dtype=np.int64).copy()
             grp = group_t[u]  # increasing, as u is
             first_of_run = np.flatnonzero(np.concatenate(([True], grp[1:] != grp[:-1])))
             in_groups, count = grp[first_of_run], np.diff(np.append(first_of_run, grp.size))
@@ -1304,6 +1337,16 @@ def find_channel_groups(
     if not isinstance(example_inputs, tuple):
         example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
     modes = [(m, m.training) for m in gm.modules()]
+    with paused_gc():  # see passes/gc_pause.py
+        result = _find(gm, example_inputs, modes, prunable=prunable, fake_tensors=fake_tensors,
+                       attention=attention, unknown_ops=unknown_ops)
+    log.debug("found %d channel groups (%d removable) in %s", len(result.groups),
+              len(result.removable_groups()), type(gm).__name__)
+    return result
+
+
+def _find(gm, example_inputs, modes, *, prunable, fake_tensors, attention, unknown_ops) -> ChannelGroups:
+    """find_channel_groups after its argument checks: the analysis, fake tensors first."""
     try:
         gm.eval()
         analysis = None
@@ -1324,6 +1367,4 @@ def find_channel_groups(
     if analysis.unknown:
         log.warning("no channel rule for %d node(s); every channel they read or write is kept:\n  %s",
                     len(analysis.unknown), "\n  ".join(text for _, text in analysis.unknown))
-    log.debug("found %d channel groups (%d removable) in %s", len(result.groups),
-              len(result.removable_groups()), type(gm).__name__)
     return result

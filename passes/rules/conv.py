@@ -49,14 +49,21 @@ def conv_channels(ctx, x: TensorInfo, cd: int, wl: Callable[[int], Optional[torc
 
     ``wl(d)`` gives the atoms of the weight's dim ``d``, ``bl()`` the bias' (or None).
     """
-    fixed = f"{ctx.describe()} reads channels that are fixed (a graph input or a tensor made in forward)"
     a, b = c_in // groups, c_out // groups
     xin = ctx.labels(x, cd)
+
+    def fixed(*labels: Optional[torch.Tensor]) -> Optional[str]:
+        """The reason of the pin a join of ``labels`` makes when one is fixed (None); None
+        when none is: naming the node costs more than the rest of the rule."""
+        if all(lab is not None for lab in labels):
+            return None
+        return f"{ctx.describe()} reads channels that are fixed (a graph input or a tensor made in forward)"
+
     mode = conv_mode(groups, c_in, c_out)
     if mode == "groupwise":
         if xin is None:
             out = ctx.fresh(c_out)
-            ctx.pin(out, fixed)
+            ctx.pin(out, fixed(None))
         else:
             rows = xin.view(groups, a)
             for j in range(1, a):
@@ -74,10 +81,12 @@ def conv_channels(ctx, x: TensorInfo, cd: int, wl: Callable[[int], Optional[torc
         out_pos = ctx.fresh(b)
         out = out_pos.repeat(groups)
         if transposed:
-            ctx.join(wl(0), xin, reason=fixed)
+            w0 = wl(0)
+            ctx.join(w0, xin, reason=fixed(w0, xin))
             ctx.join(wl(1), out_pos)
         else:
-            ctx.join(wl(1), None if xin is None else xin.view(groups, a)[0], reason=fixed)
+            w1, x0 = wl(1), None if xin is None else xin.view(groups, a)[0]
+            ctx.join(w1, x0, reason=fixed(w1, x0))
             ctx.join(wl(0), out)
         ctx.contract(x, cd, weight)
     bias = bl()
