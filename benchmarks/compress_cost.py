@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import gc
 import itertools
 import json
 import os
@@ -372,6 +373,7 @@ def run_analysis(args) -> str:
         ours, theirs, parts = [], [], {"trace": [], "ownership": [], "channel groups": []}
         n_groups = n_tp = None
         for _ in range(args.repeats):  # interleaved
+            gc.collect()  # neither side pays for the other's garbage
             t0 = time.perf_counter()
             gm = trace_model(model)
             t1 = time.perf_counter()
@@ -385,6 +387,7 @@ def run_analysis(args) -> str:
             if n_tp is None or theirs:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
+                    gc.collect()
                     seconds, n_tp = _time_tp(tp, model, x)
                 if seconds is not None:
                     theirs.append(seconds)

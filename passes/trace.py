@@ -34,6 +34,12 @@ import torch.nn as nn
 from torch.utils._traceback import CapturedTraceback
 
 from .errors import TraceError
+from .gc_pause import paused_gc
+
+try:  # torch >= 2.2: the code is generated on first call or on reading .code
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _TracedGraphModule
+except ImportError:  # pragma: no cover - older torch
+    _TracedGraphModule = fx.GraphModule
 
 __all__ = ["trace_model", "task_output_nodes", "task_names", "TRACED_THROUGH"]
 
@@ -213,7 +219,8 @@ def trace_model(
         raise TraceError(f"expected an nn.Module or fx.GraphModule, got {type(model).__name__}")
     tracer = _Tracer(leaf_modules)
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        with paused_gc():
+            graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - re-raised with context below
         where = _user_frame(exc)
         raise TraceError(
@@ -222,7 +229,12 @@ def trace_model(
             + "\n  what to do: " + _trace_advice(exc)
         ) from exc
     name = model.__class__.__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
+    # lazily compiled: the analyses read the graph and never call the traced module, and
+    # generating and compiling its Python code is a third of the cost of tracing
+    # (densenet121: 31 ms of GraphModule() against 7 ms); reading gm.code or calling gm
+    # compiles it as usual
+    with paused_gc():
+        gm = _TracedGraphModule(tracer.root, graph, name)
     task_output_nodes(gm)
     # trace again in the other mode only if some traced code reads the mode
     if _reads_mode(tracer.traced_types | {type(model)}) and \

@@ -3,6 +3,8 @@ whole stack, a third of the tracing time): the frame it names must be the one to
 recording leads :func:`passes.errors.user_frame` to."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.fx as fx
@@ -56,3 +58,37 @@ def test_recorded_frame_is_the_user_line():
     path, line, func, code = user_frame(node)
     assert path == __file__ and func == "forward" and code == "return x.relu()  # the recorded line"
     assert node.stack_trace == f'File "{path}", line {line}, in forward\n    {code}'
+
+
+
+def _outputs(out):
+    return list(out.values()) if isinstance(out, dict) else list(out)
+
+
+def test_traced_module_compiles_its_code_on_first_use():
+    """trace_model returns a lazily compiled GraphModule: the analyses never pay for the
+    generated code, a user who reads .code or calls the module gets it as usual."""
+    model, x = build_cnn(sorted(CNN_ZOO)[0])
+    gm = trace_pass.trace_model(model)
+    assert isinstance(gm, fx.GraphModule)
+    assert "def forward" in gm.code
+    for want, got in zip(_outputs(model(x)), _outputs(gm(x)), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_analyses_leave_the_garbage_collector_as_they_found_it(enabled):
+    """trace and channel groups pause the cyclic collector (passes/gc_pause.py) and give
+    back the state they found, also a caller's disabled collector."""
+    from disparse_fx.passes.channel_groups import find_channel_groups
+
+    model, x = build_cnn(sorted(CNN_ZOO)[0])
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        gm = trace_pass.trace_model(model)
+        assert gc.isenabled() == enabled
+        find_channel_groups(gm, (x,))
+        assert gc.isenabled() == enabled
+    finally:
+        (gc.enable if was else gc.disable)()
