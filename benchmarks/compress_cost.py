@@ -395,17 +395,17 @@ def run_analysis(args) -> str:
         med_ours = statistics.median(ours)
         med_tp = statistics.median(theirs) if theirs else None
         rows.append([name, f"{size}", f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}",
-                     " / ".join(f"{statistics.median(v):.2f}" for v in parts.values()), f"{med_ours:.2f}",
-                     f"{med_tp:.2f}" if med_tp else "failed",
+                     " / ".join(f"{statistics.median(v) * 1e3:.0f}" for v in parts.values()), f"{med_ours * 1e3:.0f}",
+                     f"{med_tp * 1e3:.0f}" if med_tp else "failed",
                      f"{med_ours / med_tp:.2f}x" if med_tp else "-", n_groups, n_tp])
-    table = tabulate(rows, headers=["model", "input px", "params M", "trace / ownership / channel groups s",
-                                    "disparse_fx analysis s", "Torch-Pruning DependencyGraph s", "ratio (ours / TP)",
+    table = tabulate(rows, headers=["model", "input px", "params M", "trace / ownership / channel groups ms",
+                                    "disparse_fx analysis ms", "Torch-Pruning DependencyGraph ms", "ratio (ours / TP)",
                                     "channel groups (ours)", "prunable groups (TP)"],
                      tablefmt="github", disable_numparse=True)
     return ("## Analysis time vs Torch-Pruning's dependency graph\n\n"
             f"3-task models (heads {ANALYSIS_TASKS}), input 1x3xPxP (P in the table), {args.repeats} interleaved "
-            f"repeats, medians; torch-pruning {getattr(tp, '__version__', '?')}. Ratio below 1: our analysis is "
-            "faster. Our channel groups run shape propagation on fake tensors, with the outputs of the common "
+            f"repeats (a garbage collection before each timed side), medians; torch-pruning "
+            f"{getattr(tp, '__version__', '?')}. Ratio below 1: our analysis is faster. Our channel groups run shape propagation on fake tensors, with the outputs of the common "
             "ops made from their input shapes instead of running them (Linear, conv, LayerNorm, BatchNorm, "
             "activations, eval-mode Dropout and Identity, cat, residual adds of same-shaped tensors, Swin "
             "window attention); Torch-Pruning runs a real forward and walks "
