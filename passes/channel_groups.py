@@ -469,13 +469,17 @@ class RuleContext:
         d = x.dim(dim)
         return d in x.labels or d in x.lazy
 
-    def param(self, name: str, dim: int, *, link: bool = False) -> torch.Tensor:
+    def param(self, name: str, dim: int, *, link: bool = False,
+              follow: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Atoms of parameter/buffer ``name`` along ``dim`` (relative to the called module
         for ``call_module`` nodes). ``link``: these atoms define a channel vector of their
-        own (a conv's output channels) rather than follow others."""
+        own (a conv's output channels) rather than follow others. ``follow``: the atoms
+        the rule will join these with; a parameter seen for the first time whose channels
+        they fully decide (every one from a linked vector) takes them instead of atoms of
+        its own - the same groups, without an atom and a union per slice."""
         if self.node.op == "call_module" and not name.startswith(self.node.target + "."):
             name = f"{self.node.target}.{name}"
-        return self._e.param(name, dim, link=link)
+        return self._e.param(name, dim, link=link, follow=follow)
 
     def has_param(self, name: str) -> bool:
         if self.node.op == "call_module":
@@ -497,7 +501,8 @@ class RuleContext:
         if not present:
             return None
         for l in present[1:]:
-            self.unify(present[0], l)
+            if l is not present[0]:  # a parameter that took the atoms it follows
+                self.unify(present[0], l)
         if len(present) < len(labels):
             self.pin(present[0], reason or f"combined by {self.describe()} with channels that are fixed "
                                             f"(a graph input or a constant)")
@@ -784,6 +789,7 @@ class _Analysis(fx.Interpreter):
         self.attention_units: List[Tuple[str, str, torch.Tensor]] = []
         self.atoms = _Atoms()
         self.sources: List[List[Any]] = []  # [start, n, link]
+        self.atom_linked = bytearray()  # per atom: 1 when its source is linked
         self.member_src: Dict[Tuple[str, int], int] = {}
         self.members: Dict[Tuple[str, int], torch.Tensor] = {}
         self.pins: List[Tuple[torch.Tensor, str]] = []
@@ -823,7 +829,19 @@ class _Analysis(fx.Interpreter):
     def fresh(self, n: int, *, link: bool = True) -> torch.Tensor:
         start = self.atoms.add(n)
         self.sources.append([start, n, link])
+        self.atom_linked += b"\x01" * n if link else bytes(n)
         return torch.arange(start, start + n, dtype=torch.long)
+
+    def _link_source(self, i: int) -> None:
+        start, n, _ = self.sources[i]
+        self.sources[i][2] = True
+        self.atom_linked[start:start + n] = b"\x01" * n
+
+    def _all_linked(self, atoms: torch.Tensor) -> bool:
+        """Whether every atom of ``atoms`` comes from a linked source. A parameter joined
+        with such atoms adds nothing to the groups (result() groups an unlinked source's
+        atoms only where no linked source took their class), so it may take them."""
+        return bool(np.frombuffer(self.atom_linked, dtype=np.uint8)[_np(atoms)].all())
 
     def unify(self, a: torch.Tensor, b: torch.Tensor) -> None:
         self.atoms.union(a, b)
@@ -831,7 +849,8 @@ class _Analysis(fx.Interpreter):
     def tensor_of(self, name: str) -> Optional[torch.Tensor]:
         return self.tensors.get(self.alias.get(name, name))
 
-    def param(self, name: str, dim: int, *, link: bool = False) -> torch.Tensor:
+    def param(self, name: str, dim: int, *, link: bool = False,
+              follow: Optional[torch.Tensor] = None) -> torch.Tensor:
         canon = self.alias.get(name, name)
         t = self.tensors.get(canon)
         if t is None:
@@ -840,11 +859,20 @@ class _Analysis(fx.Interpreter):
         key = (canon, dim)
         lab = self.members.get(key)
         if lab is None:
+            if (follow is not None and not link and follow.dim() == 1 and follow.numel() == t.shape[dim]
+                    and self._all_linked(follow)):
+                self.members[key] = follow  # see RuleContext.param
+                return follow
             lab = self.fresh(t.shape[dim], link=link)
             self.members[key] = lab
             self.member_src[key] = len(self.sources) - 1
         elif link:
-            self.sources[self.member_src[key]][2] = True
+            src = self.member_src.get(key)
+            if src is None:  # it took the atoms it followed: now its own vector links them
+                self.unify(self.fresh(t.shape[dim], link=True), lab)
+                self.member_src[key] = len(self.sources) - 1
+            else:
+                self._link_source(src)
         return lab
 
     def materialize(self, lz: LazyDim) -> torch.Tensor:

@@ -399,3 +399,64 @@ def test_shape_path_outputs_match_running_the_ops(name, make, monkeypatch):
         [(g.size, g.removable, g.reason, g.nodes) for g in groups_slow.groups]
     assert [[(m.param_name, m.dim, m.index.tolist()) for m in g.members] for g in groups_fast.groups] == \
         [[(m.param_name, m.dim, m.index.tolist()) for m in g.members] for g in groups_slow.groups]
+
+
+def _plain(value):
+    """A comparable form of ChannelGroups' fields (tensors as lists, dataclasses as tuples)."""
+    import dataclasses
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return tuple(_plain(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if hasattr(value, "items"):  # dicts and MappingProxyType
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+class _ConcatOfParameters(nn.Module):
+    """A BatchNorm over the concat of two parameters: its channels come from two unlinked
+    vectors, which the BatchNorm's own vector makes one group of 8 (taking the concat's
+    atoms instead would give two groups, 3 and 5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.p1, self.p2 = nn.Parameter(torch.randn(1, 3, 1, 1)), nn.Parameter(torch.randn(1, 5, 1, 1))
+        self.bn, self.head = nn.BatchNorm2d(8), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        h = torch.cat([self.p1, self.p2], 1).expand(x.shape[0], 8, 4, 4)
+        return {"a": self.head(self.bn(h)), "b": x.mean()}
+
+
+def _zoo_models():
+    from .transformer_zoo import TRANSFORMER_ZOO
+    from .transformer_zoo import build as build_transformer
+    return ([(f"cnn:{n}", lambda n=n: build(n)) for n in sorted(CNN_ZOO)]
+            + [(f"transformer:{n}", lambda n=n: build_transformer(n)) for n in sorted(TRANSFORMER_ZOO)]
+            + [("concat_of_parameters", lambda: (_ConcatOfParameters().eval(), torch.randn(2, 3, 4, 4)))])
+
+
+@pytest.mark.parametrize("name,make", _zoo_models(), ids=[n for n, _ in _zoo_models()])
+def test_parameters_that_follow_linked_atoms_give_the_same_groups(name, make, monkeypatch):
+    """A parameter first seen where a rule joins it with atoms of linked vectors (a
+    BatchNorm after a conv, a conv's weight and bias) takes those atoms instead of its
+    own (passes/channel_groups.py, _Analysis.param): every field of the result is what
+    the analysis with an atom vector per parameter gives."""
+    from disparse_fx.passes import channel_groups as cg
+
+    model, x = make()
+    gm = trace_model(model)
+    decide = cg._Analysis._all_linked
+    followed = []
+    monkeypatch.setattr(cg._Analysis, "_all_linked", lambda self, atoms: followed.append(decide(self, atoms))
+                        or followed[-1])
+    fast = find_channel_groups(gm, (x,))
+    if name != "concat_of_parameters":  # every zoo model has a conv, linear or norm after a linked vector
+        assert any(followed)
+    else:
+        assert [len(g.members) for g in fast.groups if g.size == 8] == [7]
+    monkeypatch.setattr(cg._Analysis, "_all_linked", lambda self, atoms: False)
+    own = find_channel_groups(gm, (x,))
+    assert _plain(fast) == _plain(own)

@@ -47,7 +47,8 @@ def conv_channels(ctx, x: TensorInfo, cd: int, wl: Callable[[int], Optional[torc
                   transposed: bool, weight: Optional[Tuple[str, int]]) -> torch.Tensor:
     """Atoms of a (transposed) conv's output channels; see the module docstring.
 
-    ``wl(d)`` gives the atoms of the weight's dim ``d``, ``bl()`` the bias' (or None).
+    ``wl(d, follow)`` gives the atoms of the weight's dim ``d``, ``bl(follow)`` the bias'
+    (or None); ``follow`` is what they are joined with (see ``RuleContext.param``).
     """
     a, b = c_in // groups, c_out // groups
     xin = ctx.labels(x, cd)
@@ -69,10 +70,9 @@ def conv_channels(ctx, x: TensorInfo, cd: int, wl: Callable[[int], Optional[torc
             for j in range(1, a):
                 ctx.unify(rows[:, 0], rows[:, j])
             out = rows[:, 0].repeat_interleave(b)
-        if transposed:
-            ctx.join(wl(0), out.view(groups, b)[:, 0].repeat_interleave(a) if xin is None else xin)
-        else:
-            ctx.join(wl(0), out)
+        w_in = out.view(groups, b)[:, 0].repeat_interleave(a) if transposed and xin is None else xin
+        target = w_in if transposed else out
+        ctx.join(wl(0, target), target)
     else:
         if xin is not None and groups > 1:
             rows = xin.view(groups, a)
@@ -81,15 +81,16 @@ def conv_channels(ctx, x: TensorInfo, cd: int, wl: Callable[[int], Optional[torc
         out_pos = ctx.fresh(b)
         out = out_pos.repeat(groups)
         if transposed:
-            w0 = wl(0)
+            w0 = wl(0, xin)
             ctx.join(w0, xin, reason=fixed(w0, xin))
-            ctx.join(wl(1), out_pos)
+            ctx.join(wl(1, out_pos), out_pos)
         else:
-            w1, x0 = wl(1), None if xin is None else xin.view(groups, a)[0]
+            x0 = None if xin is None else xin.view(groups, a)[0]
+            w1 = wl(1, x0)
             ctx.join(w1, x0, reason=fixed(w1, x0))
-            ctx.join(wl(0), out)
+            ctx.join(wl(0, out), out)
         ctx.contract(x, cd, weight)
-    bias = bl()
+    bias = bl(out)
     if bias is not None:
         ctx.join(bias, out)
     return out
@@ -109,8 +110,8 @@ def _conv_module(ctx):
     _pin_spatial(ctx, x, cd)
     prefix = ctx.node.target
     out = conv_channels(
-        ctx, x, cd, lambda d: ctx.param("weight", d),
-        lambda: ctx.param("bias", 0) if m.bias is not None else None,
+        ctx, x, cd, lambda d, follow: ctx.param("weight", d, follow=follow),
+        lambda follow: ctx.param("bias", 0, follow=follow) if m.bias is not None else None,
         m.groups, m.in_channels, m.out_channels, transposed,
         (f"{prefix}.weight", 0 if transposed else 1))
     return {cd: out}
@@ -158,8 +159,8 @@ def _conv_function(ctx):
     else:
         c_in, c_out = w.shape[1] * groups, w.shape[0]
     out = conv_channels(
-        ctx, x, cd, lambda d: ctx.labels(w, d),
-        lambda: ctx.labels(b, 0) if isinstance(b, TensorInfo) else None,
+        ctx, x, cd, lambda d, follow: ctx.labels(w, d),
+        lambda follow: ctx.labels(b, 0) if isinstance(b, TensorInfo) else None,
         groups, c_in, c_out, transposed, ctx.weight_name(w, 0 if transposed else 1))
     return {cd: out}
 
@@ -185,13 +186,14 @@ register_channel_rule(*_FUNCTIONAL_CONVS, slim=_conv_function_slim)(_conv_functi
 
 def _linear_channels(ctx, x: TensorInfo, wl, bl, weight) -> Labels:
     xin = ctx.labels(x, -1)
-    ctx.join(wl(1), xin, reason=f"{ctx.describe()} reads features that are fixed (a graph input "
-                                f"or a tensor made in forward)")
+    w1 = wl(1, xin)
+    ctx.join(w1, xin, reason=None if w1 is not None and xin is not None else
+             f"{ctx.describe()} reads features that are fixed (a graph input or a tensor made in forward)")
     ctx.contract(x, -1, weight)
-    w0 = wl(0)
+    w0 = wl(0, None)  # made before the output atoms: it cannot follow them
     out = ctx.fresh(w0.numel() if w0 is not None else ctx.out_shape[-1])
     ctx.join(w0, out)
-    bias = bl()
+    bias = bl(out)
     if bias is not None:
         ctx.join(bias, out)
     labels = Labels({d: l for d, l in x.labels.items() if d != x.ndim - 1})
@@ -205,8 +207,8 @@ def _linear_module(ctx):
     """linear(x): x (..., Fin) -> (..., Fout); in features may be flattened channels."""
     m = ctx.module
     x = ctx.arg(0, "input")
-    return _linear_channels(ctx, x, lambda d: ctx.param("weight", d),
-                            lambda: ctx.param("bias", 0) if m.bias is not None else None,
+    return _linear_channels(ctx, x, lambda d, follow: ctx.param("weight", d, follow=follow),
+                            lambda follow: ctx.param("bias", 0, follow=follow) if m.bias is not None else None,
                             (f"{ctx.node.target}.weight", 1))
 
 
@@ -220,8 +222,8 @@ def _linear_slim(sctx):
 def _linear_function(ctx):
     x, w = ctx.arg(0, "input"), ctx.arg(1, "weight")
     b = ctx.arg(2, "bias", None)
-    return _linear_channels(ctx, x, lambda d: ctx.labels(w, d),
-                            lambda: ctx.labels(b, 0) if isinstance(b, TensorInfo) else None,
+    return _linear_channels(ctx, x, lambda d, follow: ctx.labels(w, d),
+                            lambda follow: ctx.labels(b, 0) if isinstance(b, TensorInfo) else None,
                             ctx.weight_name(w, 1))
 
 
@@ -230,8 +232,8 @@ def _addmm(ctx):
     """addmm(bias, x, w) = bias + x @ w with w (Fin, Fout): a linear layer with its weight
     transposed (Hugging Face's Conv1D)."""
     b, x, w = ctx.arg(0, "input"), ctx.arg(1, "mat1"), ctx.arg(2, "mat2")
-    return _linear_channels(ctx, x, lambda d: ctx.labels(w, 1 - d),
-                            lambda: ctx.labels(b, -1) if isinstance(b, TensorInfo) else None,
+    return _linear_channels(ctx, x, lambda d, follow: ctx.labels(w, 1 - d),
+                            lambda follow: ctx.labels(b, -1) if isinstance(b, TensorInfo) else None,
                             ctx.weight_name(w, 0))
 
 

@@ -41,7 +41,8 @@ def _batch_norm_module(ctx):
     if isinstance(m, _IN):
         cd = x.ndim - int(type(m).__name__[-2]) - 1
     names = [n for n in ("weight", "bias", "running_mean", "running_var") if getattr(m, n, None) is not None]
-    _per_channel(ctx, x, cd, [ctx.param(n, 0) for n in names])
+    follow = x.labels.get(x.dim(cd))  # not materialised here: a lazy dim keeps its atoms' order
+    _per_channel(ctx, x, cd, [ctx.param(n, 0, follow=follow) for n in names])
     return ctx.same_as(x)
 
 
