@@ -54,6 +54,8 @@ The ``ctx`` object (:class:`passes.channel_groups.RuleContext`) offers:
 ``ctx.out``                         the node's concrete output (from shape propagation)
 ``ctx.labels(x, dim)``              atoms of ``x`` along ``dim`` or ``None`` (no channels)
 ``ctx.param(name, dim, link=)``     atoms of a parameter/buffer dim; records a member
+``ctx.param(.., follow=atoms)``     the same, taking ``atoms`` (what the rule joins it
+                                    with) where they decide its channels: fewer atoms
 ``ctx.fresh(n)``                    ``n`` new atoms (a new channel vector)
 ``ctx.unify(a, b)``                 slice ``i`` of ``a`` and of ``b`` go together
 ``ctx.join(*atoms)``                unify all given; pin all if one of them is ``None``
