@@ -798,14 +798,23 @@ class _Analysis(fx.Interpreter):
         self.input_specs: List[Any] = []
         self.fake_mode: Any = None
         self.shape_functions = _shape_functions()
-        self.submodules: Dict[str, nn.Module] = {}  # filled on use: walking the whole tree costs more
+        # one walk of the module tree gives the submodules (rules ask for them often; a
+        # get_submodule per node costs more) and the parameters and buffers, named and
+        # ordered as named_parameters() / named_buffers() name them, which walk it again
+        self.submodules: Dict[str, nn.Module] = {}
+        params: List[Tuple[str, torch.Tensor]] = []
+        buffers: List[Tuple[str, torch.Tensor]] = []
+        for prefix, m in gm.named_modules(remove_duplicate=False):
+            self.submodules[prefix] = m
+            dot = prefix + "." if prefix else ""
+            params.extend((dot + k, v) for k, v in m._parameters.items() if v is not None)
+            buffers.extend((dot + k, v) for k, v in m._buffers.items() if v is not None)
         # canonical names of parameters and buffers (tied weights share one name)
         self.tensors: Dict[str, torch.Tensor] = {}
         self.alias: Dict[str, str] = {}
         self.buffer_names: set = set()
         first: Dict[int, str] = {}
-        for kind, items in (("p", gm.named_parameters(remove_duplicate=False)),
-                            ("b", gm.named_buffers(remove_duplicate=False))):
+        for kind, items in (("p", params), ("b", buffers)):
             for name, t in items:
                 canon = first.setdefault(id(t), name)
                 self.alias[name] = canon

@@ -86,16 +86,23 @@ def parameter_uses(gm: fx.GraphModule, reference: Optional[nn.Module] = None) ->
     parameters (one object under several names) therefore share one entry, and
     parameters of ``reference`` that the graph never reads get an empty tuple.
     """
+    graph_params = list(gm.named_parameters(remove_duplicate=False))
     canonical: Dict[int, str] = {}
-    for name, p in (reference if reference is not None else gm).named_parameters(remove_duplicate=False):
+    for name, p in reference.named_parameters(remove_duplicate=False) if reference is not None else graph_params:
         canonical.setdefault(id(p), name)
     if reference is not None:  # parameters only the graph knows (e.g. added by a pass)
-        for name, p in gm.named_parameters(remove_duplicate=False):
+        for name, p in graph_params:
             canonical.setdefault(id(p), name)
     uses: Dict[str, list] = {name: [] for name in dict.fromkeys(canonical.values())}
+    # the parameters under each module, from one walk (module.parameters() per node walks
+    # the tree again each time)
+    under: Dict[str, list] = {}
+    for name, p in graph_params:
+        for i in range(1, name.count(".") + 1):
+            under.setdefault(name.rsplit(".", i)[0], []).append(p)
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            params = gm.get_submodule(node.target).parameters()
+            params = under.get(node.target, ())
         elif node.op == "get_attr":
             obj = _resolve_attr(gm, node.target)
             params = [obj] if isinstance(obj, nn.Parameter) else (
