@@ -1374,9 +1374,8 @@ def find_channel_groups(
     if not isinstance(example_inputs, tuple):
         example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
     modes = [(m, m.training) for m in gm.modules()]
-    with paused_gc():  # see passes/gc_pause.py
-        result = _find(gm, example_inputs, modes, prunable=prunable, fake_tensors=fake_tensors,
-                       attention=attention, unknown_ops=unknown_ops)
+    result = _find(gm, example_inputs, modes, prunable=prunable, fake_tensors=fake_tensors,
+                   attention=attention, unknown_ops=unknown_ops)
     log.debug("found %d channel groups (%d removable) in %s", len(result.groups),
               len(result.removable_groups()), type(gm).__name__)
     return result
@@ -1389,7 +1388,8 @@ def _find(gm, example_inputs, modes, *, prunable, fake_tensors, attention, unkno
         analysis = None
         if fake_tensors:
             try:
-                analysis = _run(gm, example_inputs, fake=True, attention=attention, unknown_ops=unknown_ops)
+                with paused_gc():  # see passes/gc_pause.py; not around the real run below
+                    analysis = _run(gm, example_inputs, fake=True, attention=attention, unknown_ops=unknown_ops)
             except UnsupportedOpError:
                 raise
             except Exception as exc:  # noqa: BLE001 - an op fake tensors cannot run: run for real
@@ -1400,7 +1400,8 @@ def _find(gm, example_inputs, modes, *, prunable, fake_tensors, attention, unkno
     finally:
         for m, mode in modes:
             m.training = mode
-    result = analysis.result(prunable)
+    with paused_gc():
+        result = analysis.result(prunable)
     if analysis.unknown:
         log.warning("no channel rule for %d node(s); every channel they read or write is kept:\n  %s",
                     len(analysis.unknown), "\n  ".join(text for _, text in analysis.unknown))

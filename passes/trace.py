@@ -37,9 +37,23 @@ from .errors import TraceError
 from .gc_pause import paused_gc
 
 try:  # torch >= 2.2: the code is generated on first call or on reading .code
-    from torch.fx._lazy_graph_module import _LazyGraphModule as _TracedGraphModule
+    from torch.fx._lazy_graph_module import _LazyGraphModule
 except ImportError:  # pragma: no cover - older torch
     _TracedGraphModule = fx.GraphModule
+else:
+    class _TracedGraphModule(_LazyGraphModule):
+        """The module trace_model returns: its Python code is generated on first call or
+        on reading ``.code``, as the analyses only read the graph. Its deep copies - what
+        the passes rewrite and hand to users - are plain GraphModules: torch.jit.script
+        rejects the lazy class, and its forward has no signature until first called."""
+
+        def __deepcopy__(self, memo):
+            new = super().__deepcopy__(memo)
+            # the copy's own class (GraphModule gives each instance one) becomes a plain
+            # GraphModule's; the instance state of both classes is the same
+            new.__class__ = type(type(new).__name__, (fx.GraphModule,), {"__qualname__": "GraphModuleImpl"})
+            new.recompile()
+            return new
 
 __all__ = ["trace_model", "task_output_nodes", "task_names", "TRACED_THROUGH"]
 

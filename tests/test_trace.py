@@ -92,3 +92,31 @@ def test_analyses_leave_the_garbage_collector_as_they_found_it(enabled):
         assert gc.isenabled() == enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning",
+                            "ignore:The TorchScript type system:UserWarning")
+def test_modules_the_passes_hand_out_are_plain_graph_modules():
+    """The lazy class stays with the traced module: the masked and slim copies are plain
+    GraphModules, which torch.jit.script accepts and whose forward has its signature."""
+    import inspect
+
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    from disparse_fx.passes.channel_groups import find_channel_groups
+    from disparse_fx.passes.insert_masks import insert_masks
+    from disparse_fx.passes.slim import slim_channels
+
+    from .test_slim import random_keep
+
+    model, x = build_cnn(sorted(CNN_ZOO)[0])
+    gm = trace_pass.trace_model(model)
+    groups = find_channel_groups(gm, (x,))
+    name, weight = next((n, p) for n, p in gm.named_parameters() if p.dim() > 1)
+    for out in (slim_channels(gm, groups, random_keep(groups, 0)),
+                insert_masks(gm, {name: torch.ones_like(weight, dtype=torch.bool)})):
+        assert not isinstance(out, _LazyGraphModule)
+        assert list(inspect.signature(out.forward).parameters) == ["x"]
+        scripted = torch.jit.script(out)
+        for want, got in zip(_outputs(out(x)), _outputs(scripted(x)), strict=True):
+            torch.testing.assert_close(got, want)
