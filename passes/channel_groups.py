@@ -58,6 +58,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from .attention import shifted_window_attention
 from .errors import DisparseValueError, UnsupportedOpError
 from .gc_pause import paused_gc
+from .ownership import enclosing_modules
 from .rules import ChannelRule, Labels, describe, lookup_channel_rule
 from .rules._types import Const, LazyDim, TensorInfo
 from .rules.attention import find_head_splits
@@ -824,8 +825,7 @@ class _Analysis(fx.Interpreter):
                         self.buffer_names.add(name)
         # modules that hold a parameter or buffer, themselves or below: asked of every
         # call_module node, and module.parameters() walks the tree each time
-        self.tensor_owners = {name.rsplit(".", i)[0] for name in self.alias
-                              for i in range(1, name.count(".") + 1)}
+        self.tensor_owners = {module for name in self.alias for module in enclosing_modules(name)}
 
     def submodule(self, target: str) -> nn.Module:
         """The submodule ``target`` (looked up once: rules and checks ask for it often)."""
@@ -1374,15 +1374,6 @@ def find_channel_groups(
     if not isinstance(example_inputs, tuple):
         example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
     modes = [(m, m.training) for m in gm.modules()]
-    result = _find(gm, example_inputs, modes, prunable=prunable, fake_tensors=fake_tensors,
-                   attention=attention, unknown_ops=unknown_ops)
-    log.debug("found %d channel groups (%d removable) in %s", len(result.groups),
-              len(result.removable_groups()), type(gm).__name__)
-    return result
-
-
-def _find(gm, example_inputs, modes, *, prunable, fake_tensors, attention, unknown_ops) -> ChannelGroups:
-    """find_channel_groups after its argument checks: the analysis, fake tensors first."""
     try:
         gm.eval()
         analysis = None
@@ -1405,4 +1396,6 @@ def _find(gm, example_inputs, modes, *, prunable, fake_tensors, attention, unkno
     if analysis.unknown:
         log.warning("no channel rule for %d node(s); every channel they read or write is kept:\n  %s",
                     len(analysis.unknown), "\n  ".join(text for _, text in analysis.unknown))
+    log.debug("found %d channel groups (%d removable) in %s", len(result.groups),
+              len(result.removable_groups()), type(gm).__name__)
     return result

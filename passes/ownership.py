@@ -27,7 +27,7 @@ one name (the first under which ``named_parameters()`` lists it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Hashable, Mapping, Optional, Tuple
+from typing import Dict, FrozenSet, Hashable, Iterator, Mapping, Optional, Tuple
 
 import networkx as nx
 import torch.fx as fx
@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from .trace import task_output_nodes
 
-__all__ = ["Ownership", "analyze_ownership", "graph_to_networkx", "parameter_uses"]
+__all__ = ["Ownership", "analyze_ownership", "enclosing_modules", "graph_to_networkx", "parameter_uses"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,13 @@ def graph_to_networkx(graph: fx.Graph) -> nx.DiGraph:
     return g
 
 
+def enclosing_modules(qualified_name: str) -> Iterator[str]:
+    """The modules that hold ``qualified_name`` (a parameter, buffer or submodule),
+    innermost first: ``"a.b.weight"`` -> ``"a.b"``, ``"a"`` (the root, ``""``, is left out)."""
+    for i in range(1, qualified_name.count(".") + 1):
+        yield qualified_name.rsplit(".", i)[0]
+
+
 def parameter_uses(gm: fx.GraphModule, reference: Optional[nn.Module] = None) -> Dict[str, Tuple[str, ...]]:
     """{canonical param name: names of the nodes that read it}, for every parameter.
 
@@ -98,8 +105,8 @@ def parameter_uses(gm: fx.GraphModule, reference: Optional[nn.Module] = None) ->
     # the tree again each time)
     under: Dict[str, list] = {}
     for name, p in graph_params:
-        for i in range(1, name.count(".") + 1):
-            under.setdefault(name.rsplit(".", i)[0], []).append(p)
+        for module in enclosing_modules(name):
+            under.setdefault(module, []).append(p)
     for node in gm.graph.nodes:
         if node.op == "call_module":
             params = under.get(node.target, ())
