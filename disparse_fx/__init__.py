@@ -39,6 +39,7 @@ from .config import CompressConfig
 from .errors import (
     DisparseError,
     DisparseValueError,
+    DisparseWarning,
     InputError,
     LossError,
     NoPrunableParametersError,
@@ -104,6 +105,7 @@ __all__ = [
     "Plan",
     "DisparseError",
     "DisparseValueError",
+    "DisparseWarning",
     "TraceError",
     "UnsupportedOpError",
     "PostconditionError",

@@ -17,6 +17,7 @@ from disparse_fx.passes.slim import channels_emptied_by, slim_channels
 from disparse_fx.passes.ownership import analyze_ownership
 from disparse_fx.passes.prunable import default_prunable_params, unpruned_weights
 from disparse_fx.passes.capture import CAPTURES, capture_model
+from disparse_fx.passes.errors import warn
 
 from .budget import budget_model, budget_report
 from .channel_decision import decide_channels
@@ -106,8 +107,8 @@ def compress(
     domains = {t: tuple(p for p in prunable if t in ownership.owners[p]) for t in ownership.tasks}
     for t, dom in domains.items():
         if not dom:
-            log.warning("task %r reaches no prunable parameter; its output depends only on "
-                        "non-prunable parameters", t)
+            warn(f"task {t!r} reaches no prunable parameter; its output depends only on "
+                 "non-prunable parameters")
     domains = {t: d for t, d in domains.items() if d}
 
     try:
@@ -309,10 +310,10 @@ def _report_unpruned(gm, model, prunable, owners, config) -> Dict[str, str]:
             by_reason.setdefault(why, []).append(p)
         shown = "; ".join(f"{why}: " + ", ".join(f"'{p}'" for p in names[:3]) + (
             f" and {len(names) - 3} more" if len(names) > 3 else "") for why, names in by_reason.items())
-        log.warning("%d conv/linear weight(s) stay dense (%d elements, %.1f%% of all conv/linear weight elements; "
-                    "sparsity counts only the prunable ones): %s. To prune them, let the tracer enter the "
-                    "module (leave it out of leaf_modules) or choose parameters with CompressConfig(filter_fn=...)",
-                    len(unpruned), left, 100.0 * left / total, shown)
+        warn("%d conv/linear weight(s) stay dense (%d elements, %.1f%% of all conv/linear weight elements; "
+             "sparsity counts only the prunable ones): %s. To prune them, let the tracer enter the "
+             "module (leave it out of leaf_modules) or choose parameters with CompressConfig(filter_fn=...)"
+             % (len(unpruned), left, 100.0 * left / total, shown))
     return unpruned
 
 

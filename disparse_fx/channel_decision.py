@@ -54,20 +54,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-import logging
 from typing import Dict, Hashable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from disparse_fx.passes.channel_costs import ChannelCostModel, param_cost_model
 from disparse_fx.passes.channel_groups import ChannelGroups
+from disparse_fx.passes.errors import warn
 
 from .config import CompressConfig
 from .decision import _rank_descending
 from .errors import TargetUnreachableError
 from .importance import SUMMED, TaskScores
 
-log = logging.getLogger(__name__)
 
 __all__ = ["ChannelPlan", "ChannelDecision", "decide_channels", "prunable_sparsity"]
 
@@ -191,10 +190,10 @@ def decide_channels(
             keep, extra = keep_at(-math.inf)
             achieved, unreachable = most, True
     if abs(achieved - config.sparsity) > TARGET_TOLERANCE and not unreachable:
-        log.warning("CompressConfig(sparsity=%g, budget=%r): the nearest plan of whole channels removes %.4f "
-                    "(off by %+.4f)%s; the model's channels are coarse for this target - a nearby sparsity "
-                    "or a smaller round_to may land closer", config.sparsity, config.budget, achieved,
-                    achieved - config.sparsity, f" with channels removed {round_to} at a time" if round_to > 1 else "")
+        warn("CompressConfig(sparsity=%g, budget=%r): the nearest plan of whole channels removes %.4f "
+             "(off by %+.4f)%s; the model's channels are coarse for this target - a nearby sparsity "
+             "or a smaller round_to may land closer" % (config.sparsity, config.budget, achieved,
+             achieved - config.sparsity, f" with channels removed {round_to} at a time" if round_to > 1 else ""))
 
     voted = [g for g in removable if torch.isfinite(ranked.c_min[g.id]).any()]
     task_keep: Dict[Hashable, Dict[int, torch.Tensor]] = {}
@@ -330,7 +329,7 @@ def _unreachable(groups, smallest: float, config, round_to: int, prunable_set, s
            + ". Lower the sparsity, or pass best_effort=True to accept the most that can be removed.")
     if not config.best_effort:
         raise TargetUnreachableError(msg)
-    log.warning("%s (best_effort=True: continuing)", msg)
+    warn(f"{msg} (best_effort=True: continuing)")
 
 
 def _element_masks(groups, keep, task_keep, prunable, shapes, owners, task_domains):

@@ -7,6 +7,7 @@ accepted.
 from disparse_fx.passes.errors import (  # the hierarchy lives in the lower layer, which raises it too
     DisparseError,
     DisparseValueError,
+    DisparseWarning,
     PostconditionError,
     TraceError,
     UnsupportedOpError,
@@ -15,6 +16,7 @@ from disparse_fx.passes.errors import (  # the hierarchy lives in the lower laye
 __all__ = [
     "DisparseError",
     "DisparseValueError",
+    "DisparseWarning",
     "TraceError",
     "UnsupportedOpError",
     "PostconditionError",

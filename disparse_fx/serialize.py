@@ -87,7 +87,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from disparse_fx.passes.errors import user_frame
+from disparse_fx.passes.errors import user_frame, warn
 
 from .errors import DisparseError, DisparseValueError
 
@@ -439,8 +439,8 @@ class _Encoder:
             for f in dataclasses.fields(v):
                 val = getattr(v, f.name)
                 if isinstance(v, _config_type()) and f.name == "filter_fn" and val is not None:
-                    log.warning("save: CompressConfig.filter_fn (%r) is a callable and is saved as None; "
-                                "the loaded plan records which parameters it chose (plan.prunable)", val)
+                    warn(f"save: CompressConfig.filter_fn ({val!r}) is a callable and is saved as None; "
+                         "the loaded plan records which parameters it chose (plan.prunable)")
                     val = None
                 fields[f.name] = self(val, f"{where}.{f.name}")
             return {"$dataclass": name, "fields": fields}

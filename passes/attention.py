@@ -43,7 +43,6 @@ True
 """
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -54,11 +53,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import DisparseValueError
+from .errors import DisparseValueError, warn
 
 __all__ = ["MultiheadAttention", "shifted_window_attention", "mha_sizes"]
 
-log = logging.getLogger(__name__)
 
 MaskLike = Union[Tensor, Sequence[float], None]
 
@@ -392,8 +390,8 @@ class MultiheadAttention(nn.Module):
             if not bool(((mask == 0) | (mask == 1)).all()):
                 raise DisparseValueError(f"{name} must hold only 0 and 1, got {mask.tolist()}")
             if not bool(mask.any()):
-                log.warning("%s keeps nothing: every %s of this attention is masked", name,
-                            "head" if name == "head_keep" else "dim")
+                warn(f"{name} keeps nothing: every {'head' if name == 'head_keep' else 'dim'} of this "
+                     "attention is masked")
             self.register_buffer(name, mask.clone(), persistent=True)
 
     def _output_keep(self) -> Optional[Tensor]:

@@ -53,7 +53,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from .errors import DisparseValueError, TraceError
+from .errors import DisparseValueError, TraceError, warn
 from .fuse_rms_norms import fuse_rms_norms, fuse_rms_norms_
 from .rules import register_channel_rule
 from .rules.aten import along_dim as _along_dim
@@ -195,9 +195,9 @@ def _plain(gm: fx.GraphModule, model: nn.Module, n_inputs: int) -> fx.GraphModul
     plain.graph.lint()
     frozen = [n.name for n in plain.graph.nodes if n.target is _aten.batch_norm.default]
     if frozen:
-        log.warning("%s: %d BatchNorm layer(s) are captured as in eval mode (running statistics, not updated), "
-                    "also after .train() - e.g. node '%s'; fine-tune with frozen BatchNorm, or use capture='fx' "
-                    "when the model traces", type(model).__name__, len(frozen), frozen[0])
+        warn(f"{type(model).__name__}: {len(frozen)} BatchNorm layer(s) are captured as in eval mode (running "
+             f"statistics, not updated), also after .train() - e.g. node '{frozen[0]}'; fine-tune with frozen "
+             "BatchNorm, or use capture='fx' when the model traces")
     return plain
 
 

@@ -56,7 +56,7 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from .attention import shifted_window_attention
-from .errors import DisparseValueError, UnsupportedOpError
+from .errors import DisparseValueError, UnsupportedOpError, warn
 from .gc_pause import paused_gc
 from .ownership import enclosing_modules
 from .rules import ChannelRule, Labels, describe, lookup_channel_rule
@@ -1394,8 +1394,8 @@ def find_channel_groups(
     with paused_gc():
         result = analysis.result(prunable)
     if analysis.unknown:
-        log.warning("no channel rule for %d node(s); every channel they read or write is kept:\n  %s",
-                    len(analysis.unknown), "\n  ".join(text for _, text in analysis.unknown))
+        warn(f"no channel rule for {len(analysis.unknown)} node(s); every channel they read or write is kept:\n  "
+             + "\n  ".join(text for _, text in analysis.unknown))
     log.debug("found %d channel groups (%d removable) in %s", len(result.groups),
               len(result.removable_groups()), type(gm).__name__)
     return result

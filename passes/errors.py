@@ -9,8 +9,11 @@ import functools
 import os
 
 import re
+import sys
+import warnings
 from typing import Optional, Tuple
 
+import torch
 import torch.fx as fx
 
 __all__ = [
@@ -19,6 +22,8 @@ __all__ = [
     "TraceError",
     "UnsupportedOpError",
     "PostconditionError",
+    "DisparseWarning",
+    "warn",
     "describe_node",
     "user_source_line",
     "user_frame",
@@ -43,6 +48,38 @@ class UnsupportedOpError(DisparseError):
 
 class PostconditionError(DisparseError, AssertionError):
     """A pass produced a graph that breaks one of its own guarantees (a bug, please report)."""
+
+
+class DisparseWarning(UserWarning):
+    """Something the user should know about a result that is still returned: a target
+    landed off, weights left dense, a construct kept rather than pruned. Shown once per
+    call site by Python's default filters; silence with
+    ``warnings.filterwarnings("ignore", category=dfx.DisparseWarning)``."""
+
+
+def warn(message: str) -> None:
+    """Issue a :class:`DisparseWarning` attributed to the user's line that called into
+    the library (not to the library's own frame that noticed the problem, nor to torch's
+    frames between them, e.g. fx's tracer calling back into a pass).
+
+    Warnings, not log records: a library's logger stays silent until the application
+    configures logging, and these are results the user must see.
+    """
+    ours = _library_dirs()
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(ours):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, DisparseWarning, stacklevel=level + 1 if frame is not None else 2)
+
+
+def _library_dirs() -> Tuple[str, ...]:
+    """This layer's folder, the upper layer's (a sibling in a checkout, the parent when
+    installed) and torch's, each with a trailing separator."""
+    dirs = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__))]
+    top = sys.modules.get("disparse_fx")
+    if top is not None and getattr(top, "__file__", None):
+        dirs.append(os.path.dirname(os.path.abspath(top.__file__)))
+    return tuple(d + os.sep for d in dirs)
 
 
 def describe_node(node: fx.Node, gm: Optional[fx.GraphModule] = None) -> str:

@@ -33,7 +33,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._traceback import CapturedTraceback
 
-from .errors import TraceError
+from .errors import TraceError, warn
 from .gc_pause import paused_gc
 
 try:  # torch >= 2.2: the code is generated on first call or on reading .code
@@ -254,11 +254,11 @@ def trace_model(
     if _reads_mode(tracer.traced_types | {type(model)}) and \
             _depends_on_mode(model, graph, leaf_modules, concrete_args):
         mode = "train" if model.training else "eval"
-        log.warning(
-            "%s computes differently in train and eval mode in a way torch.fx fixes at trace time "
+        warn(
+            f"{name} computes differently in train and eval mode in a way torch.fx fixes at trace time "
             "(functional dropout or stochastic depth called with training=self.training): the traced graph "
-            "is the %s-mode graph and stays so after .train() / .eval(). Trace (compress) the model in the "
-            "mode it will run in.", name, mode)
+            f"is the {mode}-mode graph and stays so after .train() / .eval(). Trace (compress) the model in the "
+            "mode it will run in.")
     log.debug("traced %s:\n%s", name, _LazyCode(gm))
     return gm
 

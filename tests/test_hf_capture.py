@@ -254,7 +254,7 @@ def test_flops_budget_on_an_exported_gpt2():
     assert abs(count_flops(slim, (x,)).total / dense - 0.5) < 0.03
 
 
-def test_export_of_a_cnn_with_batch_norm_and_pooling(caplog):
+def test_export_of_a_cnn_with_batch_norm_and_pooling():
     """capture='export' on a conv trunk: ATen conv, batch_norm (weight first), max_pool and
     mean get their rules; channel compress slims with parity; BatchNorm is named as frozen."""
     class Net(nn.Module):
@@ -274,9 +274,8 @@ def test_export_of_a_cnn_with_batch_norm_and_pooling(caplog):
              "cls": torch.randint(0, 3, (4,))} for _ in range(2)]
     losses = {"seg": lambda p, b: F.cross_entropy(p, b["seg"]), "cls": lambda p, b: F.cross_entropy(p, b["cls"])}
     model = Net().eval()
-    with caplog.at_level("WARNING"):
+    with pytest.warns(dfx.DisparseWarning, match=r"BatchNorm layer\(s\) are captured as in eval mode"):
         result = dfx.compress(model, losses, data, CONFIG, capture="export")
-    assert "BatchNorm layer(s) are captured as in eval mode" in caplog.text
     slim = dfx.slim(result)
     assert slim.get_parameter("conv1.weight").shape[0] < 16
     assert slim.get_buffer("bn1.running_mean").shape == slim.get_parameter("conv1.weight").shape[:1]

@@ -1,7 +1,6 @@
 """Recurrent layers (nn.LSTM / nn.GRU / nn.RNN): channel rules, masked model, slim, FLOPs and the
 report of their weights left dense; and an element slim that keeps the channels around an op
 without a channel rule."""
-import logging
 
 import pytest
 import torch
@@ -293,15 +292,15 @@ class OpaqueNet(SeqNet):
         return super().forward(self.opaque(F.relu(self.pre(x))))
 
 
-def test_element_slim_keeps_the_channels_around_an_op_without_a_rule(caplog):
+def test_element_slim_keeps_the_channels_around_an_op_without_a_rule():
     torch.manual_seed(6)
     model = OpaqueNet()
     data = seq_data()
     config = dfx.CompressConfig(sparsity=0.98, criterion="snip", num_batches=3, progress=False)
     result = dfx.compress(model, LOSSES, data, config, leaf_modules=(Opaque,))
-    with caplog.at_level(logging.WARNING):
+    with pytest.warns(dfx.DisparseWarning) as caught:
         slim = dfx.slim(result)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warnings = [str(w.message) for w in caught]
     assert any("no channel rule" in w and "node 'opaque'" in w and "Opaque" in w and "test_rnn.py" in w
                and "self.opaque(F.relu(self.pre(x)))" in w for w in warnings), warnings
     # (element results call conv / linear functionally: the weights' shapes tell)
@@ -373,11 +372,11 @@ def test_flop_cost_model_predicts_the_slim_rnn_exactly(cell, num_layers, bidirec
 
 # ----------------------------------------------------------------------------- weights left dense
 @pytest.mark.parametrize("cell", sorted(CELLS))
-def test_rnn_weights_are_reported_as_not_element_pruned(cell, caplog):
+def test_rnn_weights_are_reported_as_not_element_pruned(cell):
     torch.manual_seed(0)
     model = SeqNet(cell, num_layers=2, bidirectional=True)
     data = seq_data()
-    with caplog.at_level(logging.WARNING, logger="disparse_fx"):
+    with pytest.warns(dfx.DisparseWarning) as caught:
         result = dfx.compress(model, LOSSES, data, dfx.CompressConfig(
             sparsity=0.5, criterion="snip", num_batches=3, progress=False))
     expected = {f"rnn.weight_{kind}_l{layer}{s}" for kind in ("ih", "hh") for layer in (0, 1)
@@ -386,18 +385,17 @@ def test_rnn_weights_are_reported_as_not_element_pruned(cell, caplog):
     assert set(result.plan.prunable) == {"conv.weight", "proj.weight", "tag.weight", "cls.weight"}
     for why in result.plan.unpruned.values():
         assert why == f"nn.{cell} weights are not element-pruned (channel granularity removes hidden units)"
-    (message,) = [r.getMessage() for r in caplog.records if "stay dense" in r.getMessage()]
+    (message,) = [str(w.message) for w in caught if "stay dense" in str(w.message)]
     assert "'rnn.weight_ih_l0'" in message and f"nn.{cell} weights are not element-pruned" in message
 
 
-def test_rnn_weights_are_not_reported_at_channel_granularity(caplog):
+def test_rnn_weights_are_not_reported_at_channel_granularity(recwarn):
     """There the hidden units go, so the RNN's weights shrink: nothing stays dense."""
     torch.manual_seed(0)
-    with caplog.at_level(logging.WARNING, logger="disparse_fx"):
-        result = dfx.compress(SeqNet("LSTM"), LOSSES, seq_data(), dfx.CompressConfig(
-            sparsity=0.5, granularity="channel", criterion="taylor", num_batches=3, progress=False))
+    result = dfx.compress(SeqNet("LSTM"), LOSSES, seq_data(), dfx.CompressConfig(
+        sparsity=0.5, granularity="channel", criterion="taylor", num_batches=3, progress=False))
     assert dict(result.plan.unpruned) == {}
-    assert not [r for r in caplog.records if "stay dense" in r.getMessage()]
+    assert not [w for w in recwarn if "stay dense" in str(w.message)]
 
 
 @pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")

@@ -7,7 +7,6 @@ channel analysis's error for the leaf says how to let the tracer in.
 """
 from __future__ import annotations
 
-import logging
 
 import pytest
 import torch
@@ -53,24 +52,25 @@ def _compress(granularity="element", **kwargs):
     return dfx.compress(Net(), LOSSES, _data(), cfg, **kwargs)
 
 
-def test_weights_inside_a_leaf_module_are_reported(caplog):
-    with caplog.at_level(logging.WARNING, logger="disparse_fx"):
+def test_weights_inside_a_leaf_module_are_reported():
+    with pytest.warns(dfx.DisparseWarning) as caught:
         result = _compress(leaf_modules=(Block,))
     assert set(result.plan.unpruned) == {"block.a.weight", "block.b.weight"}
     assert "inside leaf module 'block' (Block)" in result.plan.unpruned["block.a.weight"]
     assert not set(result.plan.unpruned) & set(result.plan.prunable)
-    (record,) = [r for r in caplog.records if "stay dense" in r.getMessage()]
-    message = record.getMessage()
+    (record,) = [w for w in caught if "stay dense" in str(w.message)]
+    message = str(record.message)
+    # attributed to the user's call (here _compress's line calling dfx.compress), not to the library
+    assert record.filename == __file__ and record.lineno == _compress.__code__.co_firstlineno + 2
     share = 100 * (8 * 8 * 9 + 8 * 8) / (8 * 8 * 9 + 8 * 8 + 3 * 8 * 9 + 4 * 8 + 3 * 8)
     assert "2 conv/linear weight(s) stay dense" in message and f"{share:.1f}%" in message
     assert "'block.a.weight'" in message and "leaf_modules" in message
 
 
-def test_nothing_is_reported_when_every_weight_is_prunable(caplog):
-    with caplog.at_level(logging.WARNING, logger="disparse_fx"):
-        result = _compress()
+def test_nothing_is_reported_when_every_weight_is_prunable(recwarn):
+    result = _compress()
     assert dict(result.plan.unpruned) == {}
-    assert not [r for r in caplog.records if "stay dense" in r.getMessage()]
+    assert not [w for w in recwarn if "stay dense" in str(w.message)]
 
 
 def test_a_filter_chosen_by_the_user_is_not_reported():
