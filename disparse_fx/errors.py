@@ -34,11 +34,11 @@ class TaskMismatchError(DisparseValueError):
     """task_losses does not name the same tasks as the model's outputs."""
 
 
-class LossError(DisparseError):
+class LossError(DisparseValueError):
     """A task loss is not a finite scalar (names the task and the batch index)."""
 
 
-class ZeroGradientError(DisparseError):
+class ZeroGradientError(DisparseValueError):
     """A task's loss has zero gradient on every parameter of its domain."""
 
 

@@ -52,7 +52,10 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import CompressConfig
+from disparse_fx.passes.errors import warn
+
 from .errors import InputError, LossError, NotEnoughBatchesError, ZeroGradientError
+from .validate import LossFunctionError
 
 __all__ = ["TaskScores", "estimate_importance", "default_inputs", "model_inputs", "SUMMED"]
 
@@ -171,13 +174,16 @@ def _gradient_scores(gm, units, params, task_losses, data, inputs, config) -> Ta
         )
     distributed.all_reduce_scores(grad_acc)
     for u, acc in grad_acc.items():
-        if all(float(a.sum()) == 0.0 for a in acc.values()):
-            what = f"task {u!r}" if u != SUMMED else "the summed loss"
+        what = f"task {u!r}" if u != SUMMED else "the summed loss"
+        reached = torch.stack([a.any() for a in acc.values()]).tolist()  # one sync per unit
+        if not any(reached):
             raise ZeroGradientError(
                 f"the gradient of {what} is zero on every prunable parameter of its domain "
                 f"({len(acc)} parameters, {batches} batches); its loss does not depend on them - "
                 "check the loss function (detached output? constant?) or drop the task"
             )
+        if not all(reached):
+            _warn_gradient_free(what, [p for p, r in zip(acc, reached) if not r], len(acc), batches, config)
     # the weight factor, once per parameter (a shared one is in T units): snip |w|, taylor w^2
     for p in dict.fromkeys(p for acc in grad_acc.values() for p in acc):
         w = params[p].detach().float()  # (the parameter itself when float32: no in-place op)
@@ -186,6 +192,18 @@ def _gradient_scores(gm, units, params, task_losses, data, inputs, config) -> Ta
             if p in acc:
                 acc[p] *= factor
     return TaskScores(grad_acc, units, batches)
+
+
+def _warn_gradient_free(what: str, names: Sequence[str], domain: int, batches: int, config) -> None:
+    """Parameters of a unit's domain that got no gradient at all: their gradient scores
+    are 0, so the decision removes them first. Said, not guessed around: a frozen
+    block (``torch.no_grad()`` / ``.detach()`` in forward) or a non-differentiable path."""
+    shown = ", ".join(f"'{p}'" for p in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    warn(f"{len(names)} of the {domain} prunable parameters that {what} reaches got zero gradient on all "
+         f"{batches} batches ({shown}): their {config.criterion} scores are 0, so they are pruned first. "
+         "They are reached only through a gradient-free path (torch.no_grad() or .detach() in forward, or a "
+         "non-differentiable op). To keep them, leave them out with CompressConfig(filter_fn=...); to score "
+         "them by size, use criterion='magnitude'")
 
 
 def flat_scores(shapes: Mapping[str, Sequence[int]], device, dtype: torch.dtype = torch.float32
@@ -269,7 +287,10 @@ def _losses(outputs, task_losses, batch, index) -> Dict[Hashable, torch.Tensor]:
     losses = {}
     for task, fn in task_losses.items():
         pred = outputs[task]
-        loss = fn(pred, batch)
+        try:
+            loss = fn(pred, batch)
+        except LossFunctionError as exc:
+            raise LossFunctionError(f"on batch {index}: {exc}") from exc.__cause__
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise LossError(
@@ -279,6 +300,12 @@ def _losses(outputs, task_losses, batch, index) -> Dict[Hashable, torch.Tensor]:
         if not torch.isfinite(loss.detach()).all():
             raise LossError(f"loss of task {task!r} on batch {index} is {loss.item()} (not finite)")
         if not loss.requires_grad:
+            if isinstance(pred, torch.Tensor) and not pred.requires_grad:
+                raise ZeroGradientError(
+                    f"the output of task {task!r} (batch {index}) depends on no parameter of the model: it is "
+                    "computed from the inputs and constants only, or under torch.no_grad() / .detach() in "
+                    "forward, so the task cannot be scored by gradients. Compute it from the model's "
+                    "parameters, or drop the task from task_losses")
             raise ZeroGradientError(
                 f"loss of task {task!r} on batch {index} does not depend on the model's output "
                 "(no autograd graph); it must be computed from the prediction"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import linecache
 import logging
+import operator
 import os
 import sys
 import traceback
@@ -155,7 +156,21 @@ class _Tracer(fx.Tracer):
             return through(m, *args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
 
+    def trace(self, root, concrete_args=None):
+        # fx does not record grad mode: a forward's torch.no_grad() region runs (and is
+        # seen here) with grad disabled, but its ops land in the graph like any other
+        self._grad_at_start = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        return super().trace(root, concrete_args)
+
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
+        node = self._create_node(kind, target, args, kwargs, name, type_expr)
+        if kind in _COMPUTATIONS and getattr(self, "_grad_at_start", False) and (
+                not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
+                or (target is operator.getitem and isinstance(args[0], fx.Node) and args[0].meta.get(NO_GRAD))):
+            node.meta[NO_GRAD] = True
+        return node
+
+    def _create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
         """A node whose ``stack_trace`` is the user's frame only (what :mod:`passes.errors`
         and the save files read): torch records and formats the whole Python stack of
         every node, a third of the cost of tracing. Where the quick look cannot name
@@ -175,6 +190,44 @@ class _Tracer(fx.Tracer):
             if trace:
                 node.stack_trace = trace
         return node
+
+
+#: node.meta key of an op traced while the forward had gradients off (torch.no_grad(),
+#: set_grad_enabled(False), inference_mode()).
+NO_GRAD = "disparse_fx_no_grad"
+_COMPUTATIONS = ("call_function", "call_method", "call_module")
+
+
+def _detach_no_grad_regions(graph: fx.Graph) -> int:
+    """Give the graph the forward's gradient flow where it turned gradients off.
+
+    torch.fx records the ops of a ``with torch.no_grad():`` block but not the mode, so the
+    traced graph would backpropagate through values the user made gradient-free. Every
+    value leaving such a block (used by an op traced with gradients on, or returned) is
+    detached where it leaves, which gives the same values and the same gradients::
+
+        # forward                              # traced graph
+        with torch.no_grad():                  trunk = self.trunk(x)
+            h = self.trunk(x)                  detach = trunk.detach()
+        return {"a": self.a(h)}                a = self.a(detach)
+
+    Returns the number of detach nodes inserted; the graph is edited in place (it is the
+    tracer's fresh graph).
+    """
+    cut = 0
+    for n in list(graph.nodes):
+        if not n.meta.get(NO_GRAD):
+            continue
+        leaving = [u for u in n.users if not u.meta.get(NO_GRAD)]
+        if not leaving:
+            continue
+        with graph.inserting_after(n):
+            detached = graph.call_method("detach", (n,))
+        detached.meta["stack_trace"] = n.meta.get("stack_trace")
+        for u in leaving:
+            u.replace_input_with(n, detached)
+        cut += 1
+    return cut
 
 
 def _user_frame_trace(frame) -> Optional[str]:
@@ -222,6 +275,8 @@ def trace_model(
 
     The returned GraphModule shares its submodules and parameters with ``model`` (as
     ``torch.fx.symbolic_trace`` does); callers that will modify it copy it first.
+    Values the forward computes under ``torch.no_grad()`` are detached where they leave
+    that block (:func:`_detach_no_grad_regions`), as fx does not record grad mode.
     Raises :class:`TraceError` naming the failing module and source line, with the
     remedy that fits the failure (unpack a fixed number of values when a traced tensor
     was iterated; ``concrete_args`` or a leaf module for data-dependent control flow).
@@ -243,6 +298,10 @@ def trace_model(
             + "\n  what to do: " + _trace_advice(exc)
         ) from exc
     name = model.__class__.__name__
+    cut = _detach_no_grad_regions(graph)
+    if cut:
+        log.info("%s: %d value(s) computed under torch.no_grad() in forward are detached where they leave "
+                 "the block (torch.fx does not record grad mode)", name, cut)
     # lazily compiled: the analyses read the graph and never call the traced module, and
     # generating and compiling its Python code is a third of the cost of tracing
     # (densenet121: 31 ms of GraphModule() against 7 ms); reading gm.code or calling gm

@@ -132,6 +132,83 @@ def test_loss_detached_from_prediction(model):
         call(model, dict(ENTRY.task_losses, seg=lambda p, b: torch.tensor(1.0)))
 
 
+class _Heads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.seg, self.cls = nn.Conv2d(8, 2, 1), nn.Linear(8, 3)
+
+
+class _NoGradHead(_Heads):
+    def forward(self, x):
+        h = self.trunk(x)
+        with torch.no_grad():
+            c = self.cls(h.mean((2, 3)))
+        return {"seg": self.seg(h), "cls": c}
+
+
+class _FrozenTrunk(_Heads):
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.trunk(x)
+        return {"seg": self.seg(h), "cls": self.cls(h.mean((2, 3)))}
+
+
+_HEADS_LOSSES = {"seg": lambda p, b: F.cross_entropy(p, b["seg"]), "cls": lambda p, b: F.cross_entropy(p, b["cls"])}
+
+
+def _heads_data():
+    g = torch.Generator().manual_seed(0)
+    return [{"input": torch.randn(2, 3, 8, 8, generator=g), "seg": torch.randint(0, 2, (2, 8, 8), generator=g),
+             "cls": torch.randint(0, 3, (2,), generator=g)} for _ in range(2)]
+
+
+def test_a_task_computed_under_no_grad_is_named_as_gradient_free():
+    """The task's output carries no gradient in the user's own forward: say that, not
+    that the loss ignores the prediction."""
+    model = _NoGradHead()
+    snap = snapshot(model)
+    with pytest.raises(dfx.ZeroGradientError, match=r"the output of task 'cls' \(batch 0\) depends on no parameter"
+                                                     r".*torch.no_grad\(\)"):
+        call(model, _HEADS_LOSSES, _heads_data())
+    assert_untouched(model, snap)
+
+
+def test_parameters_without_gradient_are_named_in_a_warning():
+    """A frozen trunk (no_grad in forward) gets zero snip scores: compress goes on, but
+    says which parameters and what to do."""
+    with pytest.warns(dfx.DisparseWarning) as caught:
+        result = call(_FrozenTrunk(), _HEADS_LOSSES, _heads_data())
+    messages = [str(w.message) for w in caught if "zero gradient" in str(w.message)]
+    assert len(messages) == 2  # one per task
+    assert all("'trunk.0.weight', 'trunk.2.weight'" in m and "filter_fn" in m and "magnitude" in m
+               for m in messages)
+    assert float(result.plan.task_scores["seg"]["trunk.0.weight"].abs().sum()) == 0.0
+
+
+def test_no_gradient_warning_when_every_parameter_gets_one(recwarn):
+    call(ENTRY.build())
+    assert not [w for w in recwarn if "zero gradient" in str(w.message)]
+
+
+def test_a_loss_failing_on_a_later_batch_names_the_batch(model):
+    calls = {"n": 0}
+
+    def fails_second(p, b):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyError("target")
+        return p.sum()
+
+    with pytest.raises(dfx.LossError, match=r"on batch 1: task_losses\['seg'\] raised KeyError"):
+        call(model, dict(ENTRY.task_losses, seg=fails_second))
+
+
+def test_loss_errors_are_value_errors():
+    """Errors about a bad argument also derive from ValueError (api.md): the losses are one."""
+    assert issubclass(dfx.LossError, ValueError) and issubclass(dfx.ZeroGradientError, ValueError)
+
+
 def test_fewer_batches_than_requested(model):
     snap = snapshot(model)
     with pytest.raises(dfx.NotEnoughBatchesError, match=r"yielded 2 batches, fewer than config.num_batches=5.*allow_fewer_batches=True"):

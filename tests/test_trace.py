@@ -120,3 +120,86 @@ def test_modules_the_passes_hand_out_are_plain_graph_modules():
         scripted = torch.jit.script(out)
         for want, got in zip(_outputs(out(x)), _outputs(scripted(x)), strict=True):
             torch.testing.assert_close(got, want)
+
+
+# --------------------------------------------------------------------------- torch.no_grad() in forward
+class _Trunk(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 8)
+        self.p, self.q = torch.nn.Linear(8, 2), torch.nn.Linear(8, 3)
+
+
+class _NoGradBlock(_Trunk):
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.b(self.a(x).relu())
+        return {"p": self.p(h), "q": self.q(h + x.sum(1, keepdim=True))}
+
+
+class _SetGradEnabled(_Trunk):
+    def forward(self, x):
+        h = self.a(x).relu()
+        with torch.set_grad_enabled(False):
+            frozen = self.b(h)
+        return {"p": self.p(h), "q": self.q(frozen)}
+
+
+class _FrozenSub(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 8)
+
+    @torch.no_grad()
+    def forward(self, x):
+        return self.lin(x).relu()
+
+
+class _DecoratedForward(_Trunk):
+    def __init__(self):
+        super().__init__()
+        self.frozen = _FrozenSub()
+
+    def forward(self, x):
+        h = self.b(self.frozen(x))
+        return {"p": self.p(h), "q": self.q(h)}
+
+
+class _ChunkOutside(_Trunk):
+    def forward(self, x):
+        with torch.no_grad():
+            parts = self.a(x).chunk(2, 1)
+        h = torch.cat([parts[0], self.a(x)[:, 4:]], 1)  # parts[0] is indexed outside the block
+        return {"p": self.p(self.b(h)), "q": self.q(self.b(h))}
+
+
+@pytest.mark.parametrize("cls", [_NoGradBlock, _SetGradEnabled, _DecoratedForward, _ChunkOutside])
+def test_values_computed_under_no_grad_are_detached_where_they_leave_the_block(cls):
+    """fx records a no_grad block's ops but not the mode: the traced graph must not
+    backpropagate where the user's forward does not (same outputs, same gradients)."""
+    torch.manual_seed(0)
+    model = cls()
+    gm = trace_pass.trace_model(model)
+    assert "detach()" in gm.code
+    x = torch.randn(3, 4)
+    eager, traced = model(x), gm(x)
+    for task in eager:
+        assert torch.equal(eager[task], traced[task]), task
+        assert eager[task].requires_grad == traced[task].requires_grad, task
+
+    def grads(fn):
+        model.zero_grad()
+        out = fn(x)
+        sum(v.sum() for v in out.values() if v.requires_grad).backward()
+        return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+    want, got = grads(model), grads(gm)
+    for name in want:
+        assert (want[name] is None) == (got[name] is None) or (
+            want[name] is None and not got[name].any()), name
+        if want[name] is not None:
+            assert torch.allclose(want[name], got[name]), name
+
+
+def test_a_model_without_no_grad_gets_no_detach():
+    assert "detach" not in trace_pass.trace_model(ZOO[0].build()).code
