@@ -102,8 +102,9 @@ def budget_report(config: CompressConfig, gm: fx.GraphModule, groups: ChannelGro
         latency = (float(model.cost(ones)), float(model.cost(flat)))
         note = getattr(model, "note", "")
     if abs(achieved - config.sparsity) > TARGET_TOLERANCE:
-        note = "; ".join(filter(None, [note, f"off target by {achieved - config.sparsity:+.4f}: no plan of whole "
-                                             f"channels lands closer"]))
+        note = "; ".join(filter(None, [note, f"off target by {achieved - config.sparsity:+.4f}: the nearest cut of "
+                                             f"the channel ranking (the next channel in it "
+                                             f"moves the budget further)"]))
     return BudgetReport(
         kind=config.budget, target=float(config.sparsity), achieved=float(achieved),
         params=(int(round(float(params.cost(ones)))), int(round(float(params.cost(flat))))),

@@ -190,9 +190,10 @@ def decide_channels(
             keep, extra = keep_at(-math.inf)
             achieved, unreachable = most, True
     if abs(achieved - config.sparsity) > TARGET_TOLERANCE and not unreachable:
-        warn("CompressConfig(sparsity=%g, budget=%r): the nearest plan of whole channels removes %.4f "
-             "(off by %+.4f)%s; the model's channels are coarse for this target - a nearby sparsity "
-             "or a smaller round_to may land closer" % (config.sparsity, config.budget, achieved,
+        warn("CompressConfig(sparsity=%g, budget=%r): the nearest cut of the channel ranking removes %.4f "
+             "(off by %+.4f)%s; the channels near the cut are coarse for this target (channels are removed in "
+             "importance order, not chosen to fit the budget) - a nearby sparsity or a smaller round_to may "
+             "land closer" % (config.sparsity, config.budget, achieved,
              achieved - config.sparsity, f" with channels removed {round_to} at a time" if round_to > 1 else ""))
 
     voted = [g for g in removable if torch.isfinite(ranked.c_min[g.id]).any()]

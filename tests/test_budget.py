@@ -272,6 +272,6 @@ def test_a_target_the_channels_are_too_coarse_to_land_near_is_reported():
         result = dfx.compress(Coarse(), losses, data, dfx.CompressConfig(
             sparsity=0.5, granularity="channel", criterion="taylor", num_batches=2, progress=False))
     assert abs(result.plan.sparsity - 0.5) > 0.01
-    (message,) = [str(w.message) for w in caught if "nearest plan of whole channels" in str(w.message)]
+    (message,) = [str(w.message) for w in caught if "nearest cut of the channel ranking" in str(w.message)]
     assert f"removes {result.plan.budget.achieved:.4f}" in message and "coarse" in message
     assert "off target by" in result.plan.budget.note and "off target by" in str(result.plan.budget)
