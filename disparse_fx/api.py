@@ -28,8 +28,8 @@ from .errors import (DisparseValueError, InputError, NoPrunableParametersError, 
 from .importance import default_inputs, estimate_importance, model_inputs
 from .plan import Plan
 from .result import CompressionResult
-from .validate import (check_data, check_example, check_loss_functions, check_model_tensors, check_outputs,
-                       explain_input_error, guard_losses)
+from .validate import (check_data, check_example, check_loss_functions, check_model_tensors, check_not_masked,
+                       check_outputs, explain_input_error, guard_losses)
 
 __all__ = ["compress", "slim"]
 
@@ -80,6 +80,7 @@ def compress(
     check_data(data)
     check_loss_functions(task_losses)
     check_model_tensors(model)
+    check_not_masked(model)
 
     timings: Dict[str, float] = {}  # seconds per phase (Plan.timings)
     tick = time.perf_counter()
@@ -281,7 +282,7 @@ def _select_prunable(gm, model, owners, config) -> tuple:
     """Prunable = used by at least one task and accepted by the filter (or the default)."""
     if config.filter_fn is not None:
         params = dict(model.named_parameters())
-        chosen = tuple(p for p in owners if owners[p] and config.filter_fn(p, params[p]))
+        chosen = tuple(p for p in owners if owners[p] and _accepts(config.filter_fn, p, params[p]))
         what = "config.filter_fn accepted none of the used parameters"
     else:
         chosen = tuple(p for p in default_prunable_params(gm, reference=model) if owners.get(p))
@@ -290,6 +291,17 @@ def _select_prunable(gm, model, owners, config) -> tuple:
     if not chosen:
         raise NoPrunableParametersError(f"the model has no prunable parameter: {what}")
     return chosen
+
+
+def _accepts(filter_fn, name: str, param: nn.Parameter) -> bool:
+    """``filter_fn(name, param)``, its failures named (the user's code may raise anything)."""
+    try:
+        return bool(filter_fn(name, param))
+    except Exception as exc:  # noqa: BLE001
+        raise DisparseValueError(
+            f"CompressConfig.filter_fn raised {type(exc).__name__}: {exc} on parameter '{name}' (shape "
+            f"{tuple(param.shape)}); it is called as filter_fn(name, param) for every parameter a task uses "
+            "and must return True to prune it") from exc
 
 
 def _report_unpruned(gm, model, prunable, owners, config) -> Dict[str, str]:

@@ -77,6 +77,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.criterion in ("magnitude", "random") and args.input_shape):
         parser.error("compress MODEL needs --data package.module:factory (or --criterion magnitude/random with "
                      "--input-shape)")
+    if args.command == "inspect" and args.granularity == "channel" and not args.input_shape:
+        parser.error("inspect --granularity channel needs --input-shape (the channel analysis runs the model once "
+                     "on an input of that shape, e.g. --input-shape 1,3,224,224)")
+    out = getattr(args, "out", None)
+    if args.command in ("compress", "slim", "export") and out and os.path.isdir(out):
+        # before the work, not after it: save() would fail only at the end
+        parser.error(f"--out {out} is a folder; give the file to write, e.g. "
+                     f"{os.path.join(out, 'model.onnx' if args.command == 'export' else 'result.dfx')}")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         with _current_folder_importable():

@@ -147,7 +147,12 @@ class CompressConfig:
         if not isinstance(self.min_layer_density, (int, float)) or not 0.0 <= self.min_layer_density <= 1.0:
             bad("min_layer_density", "a number in [0, 1]", self.min_layer_density)
         if self.min_layer_density > 1.0 - self.sparsity:
-            bad("min_layer_density", f"at most 1 - sparsity = {1.0 - self.sparsity:g}", self.min_layer_density)
+            raise DisparseValueError(
+                f"CompressConfig(sparsity={self.sparsity:g}) keeps {1.0 - self.sparsity:g} of the weights, less than "
+                f"the floor every layer keeps, min_layer_density={self.min_layer_density:g}"
+                f"{' (the default)' if self.min_layer_density == 0.01 else ''}: lower min_layer_density to at most "
+                f"{1.0 - self.sparsity:g} (e.g. CompressConfig(sparsity={self.sparsity:g}, min_layer_density=0)), or "
+                "lower the sparsity")
         if self.filter_fn is not None and not callable(self.filter_fn):
             bad("filter_fn", "None or a callable (name, param) -> bool", self.filter_fn)
         if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)

@@ -116,6 +116,9 @@ def export_onnx(
     if not isinstance(model, nn.Module):
         raise DisparseValueError(f"model must be an nn.Module or fx.GraphModule, got {type(model).__name__}")
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise DisparseValueError(f"export_onnx: {str(path)!r} is a folder; give the file to write, e.g. "
+                                 f"{str(path / 'model.onnx')!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     opset = opset or 17
     modes = [(m, m.training) for m in model.modules()]

@@ -47,7 +47,6 @@ from typing import Any, Callable, Dict, Hashable, Iterable, Mapping, Sequence, T
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -55,7 +54,7 @@ from .config import CompressConfig
 from disparse_fx.passes.errors import warn
 
 from .errors import InputError, LossError, NotEnoughBatchesError, ZeroGradientError
-from .validate import LossFunctionError
+from .validate import LossFunctionError, to_device
 
 __all__ = ["TaskScores", "estimate_importance", "default_inputs", "model_inputs", "SUMMED"]
 
@@ -140,7 +139,7 @@ def _gradient_scores(gm, units, params, task_losses, data, inputs, config) -> Ta
         buffers = {n: b.detach().clone() for n, b in gm.named_buffers()}
         for index, batch in enumerate(_take(data, config.batch_limit)):
             leaves = {p: params[p].detach().requires_grad_(True) for p in names_in_gm}
-            batch = _to_device(batch, device)
+            batch = to_device(batch, device)
             outputs = _forward(gm, leaves, names_in_gm, buffers, batch, inputs, index)
             losses = _losses(outputs, task_losses, batch, index)
             if config.disentangle:
@@ -319,10 +318,6 @@ def _take(data: Iterable, n: int):
         if i >= n:
             return
         yield batch
-
-
-def _to_device(batch, device):
-    return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
 
 
 def _describe(args) -> str:

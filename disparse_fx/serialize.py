@@ -830,11 +830,12 @@ def save(obj: Any, path: PathLike) -> None:
 
     The file is a zip archive of JSON (graph, module tree, plan) and a ``torch.save``
     of the tensors (see the module docstring); no Python code is pickled. The write is
-    atomic (a temporary file renamed into place). ``CompressConfig.filter_fn`` is a
-    callable and is saved as None (a warning is logged). Raises
-    :class:`UnserializableError` (a ValueError) for anything that would need pickling:
-    a graph calling a function outside the allow-list, a called module of a non-torch.nn
-    class, hooks, or a module attribute that is not plain data.
+    atomic (a temporary file renamed into place); missing parent folders are created.
+    ``CompressConfig.filter_fn`` is a callable and is saved as None (with a
+    :class:`DisparseWarning`). Raises :class:`DisparseValueError` when ``path`` is a
+    folder, and :class:`UnserializableError` (a ValueError) for anything that would need
+    pickling: a graph calling a function outside the allow-list, a called module of a
+    non-torch.nn class, hooks, or a module attribute that is not plain data.
     """
     from .result import CompressionResult
 
@@ -866,6 +867,10 @@ def save(obj: Any, path: PathLike) -> None:
     torch.save(tensors, buf)
     files[_TENSORS] = buf.getvalue()
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise DisparseValueError(f"save: {str(path)!r} is a folder; give the file to write, e.g. "
+                                 f"{str(path / 'result.dfx')!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)  # as export_onnx and write_report do
     tmp = path.with_name(path.name + ".tmp")
     try:
         with zipfile.ZipFile(tmp, "w") as zf:

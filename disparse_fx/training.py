@@ -53,8 +53,9 @@ from . import distributed
 from .channel_decision import _element_masks, prunable_sparsity
 from .decision import layer_floor
 from .errors import DisparseValueError, LossError, NotEnoughBatchesError, PostconditionError
-from .importance import _forked_rng, _losses, _to_device, default_inputs
+from .importance import _forked_rng, _losses, default_inputs
 from .result import CompressionResult
+from .validate import to_device
 
 __all__ = ["DynamicSparsity", "ChannelDynamicSparsity", "UpdateRecord",
            "erk_densities", "finetune", "ERK_POWER", "INITS", "OPTIMIZERS", "LR_SCHEDULES"]
@@ -371,7 +372,7 @@ class DynamicSparsity:
         buffers = {n: (torch.ones_like(b) if n in mask_names else b.detach().clone())
                    for n, b in gm.named_buffers()}
         leaves = {self._gm_names[p]: self._weights[p].detach().requires_grad_(True) for p in self.prunable}
-        batch = _to_device(batch, device)
+        batch = to_device(batch, device)
         args = self.inputs(batch)
         args = args if isinstance(args, tuple) else (args,)
         with _forked_rng(device, self.seed + self.step_count):
@@ -785,7 +786,7 @@ class ChannelDynamicSparsity(DynamicSparsity):
         tensors.update({n: b.detach().clone() for n, b in gm.named_buffers() if n not in leaves})
         tensors.update(leaves)
         device = next(iter(leaves.values())).device
-        batch = _to_device(batch, device)
+        batch = to_device(batch, device)
         args = self.inputs(batch)
         args = args if isinstance(args, tuple) else (args,)
         with _forked_rng(device, self.seed + self.step_count):
@@ -1044,7 +1045,7 @@ def finetune(
         model.train()
         batches = _cycle(data)
         for step in range(1, steps + 1):
-            batch = _to_device(next(batches), device)
+            batch = to_device(next(batches), device)
             args = inputs(batch)
             outputs = model(*(args if isinstance(args, tuple) else (args,)))
             if losses_by_task is None:

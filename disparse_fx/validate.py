@@ -26,12 +26,15 @@ from typing import Any, Callable, Dict, Hashable, Mapping, Optional, Tuple
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import keystr, tree_map, tree_map_with_path
+
+from disparse_fx.passes.insert_channel_masks import MASK_MODULE
+from disparse_fx.passes.insert_masks import MASK_SUFFIX, masked_params
 
 from .errors import DisparseError, DisparseValueError, InputError, LossError, TaskMismatchError
 
 __all__ = ["LossFunctionError", "check_data", "check_loss_functions", "check_outputs", "guard_losses",
-           "check_model_tensors", "check_example", "explain_input_error", "model_device"]
+           "check_model_tensors", "check_not_masked", "check_example", "to_device", "explain_input_error", "model_device"]
 
 
 class LossFunctionError(LossError, DisparseValueError):
@@ -133,6 +136,22 @@ def _wrap_advice(fn: Callable, task: Hashable, batch: Any) -> str:
             f"lambda pred, batch: {name}()(pred, {target})")
 
 
+def check_not_masked(model: nn.Module) -> None:
+    """A compress result's masked model cannot be compressed again: its weights are read
+    through mask products, which the prunable-weight analysis does not count as weights."""
+    if not isinstance(model, fx.GraphModule):
+        return
+    masked = sorted(masked_params(model))
+    channel = hasattr(model, MASK_MODULE)
+    if masked or channel:
+        what = (f"{len(masked)} weight(s) read through element masks, e.g. '{masked[0]}{MASK_SUFFIX}'" if masked
+                else f"channel masks in its '{MASK_MODULE}' submodule")
+        raise DisparseValueError(
+            f"the model is already a compress result's masked model ({what}); compress does not stack on masks. "
+            "To prune further, compress the original model again with the higher sparsity, or slim this result "
+            "first (dfx.slim(result)) and compress the slim model")
+
+
 def check_model_tensors(model: nn.Module) -> None:
     """Parameters and buffers must hold values (not the meta device)."""
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
@@ -148,6 +167,23 @@ def model_device(model: nn.Module) -> Optional[torch.device]:
     return devices.pop() if len(devices) == 1 else None
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Every tensor of ``batch`` (any nesting) on ``device``; a tensor on the meta device
+    (a shape without values) cannot be moved and is named instead."""
+    def move(path, x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        if x.is_meta and device.type != "meta":
+            where = keystr(path) or "the batch"
+            raise InputError(
+                f"data holds a tensor on the meta device (a shape without values) at {where}, shape "
+                f"{tuple(x.shape)}: batches must hold real tensors (any device; they are moved to the model's, "
+                f"{device})")
+        return x.to(device)
+
+    return tree_map_with_path(move, batch)
+
+
 def check_example(gm: fx.GraphModule, model: nn.Module, example: Tuple[Any, ...], *,
                   trial: bool) -> Tuple[Any, ...]:
     """The example inputs on the model's device. With ``trial`` (before the channel
@@ -156,7 +192,7 @@ def check_example(gm: fx.GraphModule, model: nn.Module, example: Tuple[Any, ...]
     :func:`explain_input_error` names them."""
     device = model_device(model)
     if device is not None:
-        example = tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, example)
+        example = to_device(example, device)
     if not trial:
         return example
     buffers = {n: b.clone() for n, b in gm.named_buffers()}  # BatchNorm statistics stay as they are

@@ -44,8 +44,11 @@ torch.Size([4, 7, 2])
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import operator
+import sys
 from typing import Any, Dict, Iterable, Optional, Sequence
 
 import torch
@@ -119,12 +122,24 @@ def export_model(model: nn.Module, example_inputs: Sequence[Any], *, dynamic: bo
                 f"takes tensors")
     shapes = tuple({d: torch.export.Dim.AUTO for d in _dynamic_dims(x)} for x in example) if dynamic else None
     modes = [(m, m.training) for m in model.modules()]
+    text = ""
     try:
         # the eval graph: a train-mode export would bake dropout in for good (train=True is
         # a constant of aten.dropout); its dropouts become modules that follow the mode
         model.eval()
-        ep = torch.export.export(model, example, dynamic_shapes=shapes, strict=False)
+        # torch.export prints its partial graph to stderr when it fails (twice: two nested
+        # wrappers); the user reads our TraceError instead, and the graph goes to the debug log
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(printed):
+                ep = torch.export.export(model, example, dynamic_shapes=shapes, strict=False)
+        finally:
+            text = printed.getvalue()
+        if text:
+            sys.stderr.write(text)  # succeeded: whatever it printed is the user's to see
     except Exception as exc:  # noqa: BLE001 - re-raised with context
+        if text:
+            log.debug("torch.export printed, while failing on %s:\n%s", type(model).__name__, text)
         raise TraceError(f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
     finally:

@@ -83,6 +83,7 @@ def test_help(command, option, capsys):
     (["inspect", MODEL, "--input-shape", "1,x"], "expected positive integers"),
     (["slim", "r.dfx"], "the following arguments are required: --out"),
     (["compress", MODEL, "--out", "r.dfx"], "compress MODEL needs --data"),
+    (["inspect", MODEL, "--granularity", "channel"], "inspect --granularity channel needs --input-shape"),
     (["report", "r.dfx", "--out", "f", "--format", "pdf"], "invalid choice: 'pdf'"),
 ])
 def test_usage_errors_exit_2(argv, message, capsys):
@@ -201,3 +202,11 @@ def test_capture_option_help_and_choices(capsys):
     with pytest.raises(SystemExit) as info:
         main(["compress", MODEL, "--capture", "dynamo", "--out", "r.dfx"])
     assert info.value.code == 2 and "invalid choice: 'dynamo'" in capsys.readouterr().err
+
+
+def test_an_out_path_that_is_a_folder_is_refused_before_the_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["compress", MODEL, "--data", DATA, "--out", str(tmp_path)])
+    assert info.value.code == 2
+    assert f"--out {tmp_path} is a folder; give the file to write, e.g. {tmp_path / 'result.dfx'}" in \
+        capsys.readouterr().err

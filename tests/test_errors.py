@@ -59,7 +59,8 @@ def test_unknown_criterion():
 @pytest.mark.parametrize("field,value,text", [
     ("granularity", "block", "granularity must be one of"),
     ("num_batches", 0, "num_batches must be an integer >= 1 or None \\(up to 50\\), got 0"),
-    ("min_layer_density", 0.5, "min_layer_density must be at most 1 - sparsity"),
+    ("min_layer_density", 0.5, r"CompressConfig\(sparsity=0.9\) keeps 0.1 of the weights, less than the floor every "
+                               r"layer keeps, min_layer_density=0.5: lower min_layer_density to at most 0.1"),
     ("round_to", 0, r"round_to must be None \(follow the device\) or an integer >= 1, got 0"),
     ("budget", "macs", r"budget must be one of \('params', 'flops', 'latency'\), got 'macs'"),
     ("best_effort", 1, "best_effort must be True or False"),
@@ -69,6 +70,14 @@ def test_unknown_criterion():
 def test_other_config_fields(field, value, text):
     with pytest.raises(dfx.DisparseValueError, match=text):
         dfx.CompressConfig(**{field: value})
+
+
+def test_a_sparsity_above_the_default_layer_floor_says_to_lower_the_floor():
+    """The user set only the sparsity: the message names the default floor and the fix."""
+    with pytest.raises(dfx.DisparseValueError, match=r"sparsity=0.999\) keeps 0.001 of the weights.*"
+                                                     r"min_layer_density=0.01 \(the default\).*min_layer_density=0\)"):
+        dfx.CompressConfig(sparsity=0.999)
+    dfx.CompressConfig(sparsity=0.999, min_layer_density=0)  # the advice works
 
 
 def test_flops_budget_needs_channel_granularity():
@@ -242,6 +251,14 @@ def test_filter_fn_accepting_nothing(model):
         call(model, filter_fn=lambda name, p: False)
 
 
+def test_filter_fn_that_raises_names_the_parameter(model):
+    snap = snapshot(model)
+    with pytest.raises(dfx.DisparseValueError, match=r"CompressConfig.filter_fn raised ZeroDivisionError: division by "
+                                                     r"zero on parameter '.*' \(shape .*must return True to prune it"):
+        call(model, filter_fn=lambda name, p: 1 / 0)
+    assert_untouched(model, snap)
+
+
 def test_inputs_rejected_by_model(model):
     snap = snapshot(model)
     with pytest.raises(dfx.InputError) as info:
@@ -257,23 +274,34 @@ def test_default_inputs_on_dict_without_input_key(model):
         call(model, data=data)
 
 
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            x = x * 2
+        return {"a": self.fc(x), "b": self.fc(x)}
+
+
 def test_untraceable_model_names_line_and_remedy():
-    class DataDependent(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
-
-        def forward(self, x):
-            if x.sum() > 0:  # data-dependent control flow
-                x = x * 2
-            return {"a": self.fc(x), "b": self.fc(x)}
-
     with pytest.raises(dfx.TraceError) as info:
         dfx.compress(DataDependent(), {"a": None, "b": None}, [])
     msg = str(info.value)
     assert "could not trace DataDependent" in msg
     assert "test_errors.py" in msg and "if x.sum() > 0" in msg  # the failing source line
     assert "leaf_modules" in msg and "concrete_args" in msg
+
+
+def test_the_torch_export_fallback_leaves_stderr_to_our_error(capfd):
+    """capture='auto' tries torch.export when fx fails; torch prints its partial graph to
+    stderr when that fails too (twice). The TraceError says what to do; stderr stays clean."""
+    data = [{"input": torch.randn(2, 4), "a": torch.randn(2, 4), "b": torch.randn(2, 4)}]
+    losses = {t: (lambda t: lambda p, b: F.mse_loss(p, b[t]))(t) for t in "ab"}
+    with pytest.raises(dfx.TraceError, match=r"(?s)could not trace DataDependent.*torch.export failed too"):
+        dfx.compress(DataDependent(), losses, data, dfx.CompressConfig(num_batches=1, progress=False))
+    assert "def forward" not in capfd.readouterr().err
 
 
 def test_trace_advice_fits_the_failure():
@@ -346,3 +374,20 @@ def test_the_default_num_batches_uses_what_a_small_dataset_has():
                      dfx.CompressConfig(num_batches=5, progress=False))
     with pytest.raises(dfx.DisparseValueError, match=r"num_batches must be an integer >= 1 or None"):
         dfx.CompressConfig(num_batches=0)
+
+
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+def test_compressing_a_masked_model_again_says_what_to_do(granularity):
+    first = call(ENTRY.build(), granularity=granularity, sparsity=0.5)
+    with pytest.raises(dfx.DisparseValueError, match=r"already a compress result's masked model .*compress the "
+                                                     r"original model again.*dfx.slim\(result\)"):
+        call(first.model, granularity=granularity, sparsity=0.8)
+    call(dfx.slim(first), granularity=granularity, sparsity=0.5)  # the advice works
+
+
+def test_data_on_the_meta_device_is_named(model):
+    data = ENTRY.batches(2)
+    for batch in data:
+        batch["input"] = batch["input"].to("meta")
+    with pytest.raises(dfx.InputError, match=r"data holds a tensor on the meta device .* shape \(4, 3, 8, 8\)"):
+        call(model, data=data)

@@ -44,6 +44,11 @@ def test_bad_example_inputs(tmp_path):
         dfx.export_onnx(ZOO[0].build(), [1, 2], tmp_path / "x.onnx")
 
 
+def test_an_output_path_that_is_a_folder(tmp_path):
+    with pytest.raises(dfx.DisparseValueError, match=r"is a folder; give the file to write, e.g. .*model.onnx"):
+        dfx.export_onnx(ZOO[0].build(), example_input(ZOO[0]), tmp_path)
+
+
 def test_static_batch(tmp_path):
     entry = ZOO[0]
     rep = dfx.export_onnx(entry.build(), example_input(entry), tmp_path / "s.onnx", dynamic_batch=False)

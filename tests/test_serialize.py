@@ -418,3 +418,12 @@ def test_crafted_rnn_state_is_refused(saved_lstm, tmp_path):
 
     with pytest.raises(CorruptFileError, match="reserved attribute '_flat_weights'"):
         load(_rewrite(saved_lstm, tmp_path / "b.dfx", _edit_rnn(weights)))
+
+
+def test_save_creates_missing_folders_and_refuses_a_folder(saved, tmp_path):
+    model = load(saved)
+    deep = tmp_path / "a" / "b" / "slim.dfx"
+    save(model, deep)  # as export_onnx and write_report do
+    assert deep.is_file() and not list(deep.parent.glob("*.tmp"))
+    with pytest.raises(dfx.DisparseValueError, match=r"is a folder; give the file to write, e.g. .*result.dfx"):
+        save(model, tmp_path)
