@@ -188,11 +188,14 @@ def slim(result: CompressionResult, example_inputs=None) -> fx.GraphModule:
     Channel-granularity results remove every channel the plan removed. Element results
     remove the channels their element masks emptied entirely (exact only: a channel
     some kept weight still reads stays), keeping the remaining masks folded into the
-    weights; around an op without a channel rule every channel is kept, with a logged
-    warning naming the node (a channel result cannot contain such an op: compress
-    raises :class:`UnsupportedOpError`). The slim model computes what the masked model
-    computes (checked: eval mode, max abs diff <= 1e-4 x output scale), keeps
+    weights; around an op without a channel rule every channel is kept, with a
+    :class:`DisparseWarning` naming the node (a channel result cannot contain such an op:
+    compress raises :class:`UnsupportedOpError`). The slim model computes what the masked
+    model computes (checked: eval mode, max abs diff <= 1e-4 x output scale), keeps
     parameters' device and dtype, and never shares storage with ``result.model``.
+    Submodules the forward never calls are not in it (``result.model`` keeps them, so
+    its state_dict has every key of the user's model); unused parameters and buffers
+    held directly by a kept module stay.
     ``example_inputs``: defaults to random inputs shaped like the batches compress() saw.
     """
     if not isinstance(result, CompressionResult):

@@ -61,6 +61,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .trace import keep_unused_tensors
+
 __all__ = ["fuse_rms_norms", "fuse_rms_norms_", "RmsNormMatch", "match_rms_norm"]
 
 log = logging.getLogger(__name__)
@@ -191,6 +193,7 @@ def fuse_rms_norms(gm: fx.GraphModule) -> fx.GraphModule:
     old_output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     graph.output(out, type_expr=old_output.type)
     fused = fx.GraphModule(gm, graph, type(gm).__name__)
+    keep_unused_tensors(fused, gm)  # fx copies only what the graph reads
     fuse_rms_norms_(fused.graph)
     fused.recompile()
     fused.graph.lint()

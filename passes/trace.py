@@ -56,7 +56,7 @@ else:
             new.recompile()
             return new
 
-__all__ = ["trace_model", "task_output_nodes", "task_names", "TRACED_THROUGH"]
+__all__ = ["trace_model", "task_output_nodes", "task_names", "keep_unused_tensors", "TRACED_THROUGH"]
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,48 @@ def _detach_no_grad_regions(graph: fx.Graph) -> int:
     return cut
 
 
+def keep_unused_tensors(gm: fx.GraphModule, model: nn.Module) -> int:
+    """Give ``gm`` the parameters and buffers of ``model`` that its graph never reads.
+
+    fx's GraphModule copies only the submodules and attributes the graph uses, so an
+    unused head or a spare parameter vanished from the compressed and slim models and
+    their state_dicts: a checkpoint of the user's model no longer loaded strictly. An
+    unused submodule is attached whole (shared, as the used ones are); a tensor of a
+    module fx rebuilt (the root, a path fx made of plain Modules) is registered on it,
+    a buffer as persistent as it was. Returns the number of tensors added.
+    """
+    def names(m):
+        return {n for n, _ in m.named_parameters(remove_duplicate=False)} | \
+            {n for n, _ in m.named_buffers(remove_duplicate=False)}
+
+    have = names(gm)
+    added = 0
+    for kind in ("parameter", "buffer"):
+        items = model.named_parameters(remove_duplicate=False) if kind == "parameter" else \
+            model.named_buffers(remove_duplicate=False)
+        for name, tensor in list(items):
+            if name in have:
+                continue
+            path, _, leaf = name.rpartition(".")
+            holder, parts = gm, path.split(".") if path else []
+            for i, part in enumerate(parts):
+                child = holder._modules.get(part)
+                if child is None:  # the first missing level: attach the user's module there
+                    holder.add_module(part, model.get_submodule(".".join(parts[: i + 1])))
+                    have = names(gm)
+                    break
+                holder = child
+            else:
+                owner = model.get_submodule(path)
+                if kind == "parameter":
+                    holder.register_parameter(leaf, tensor)
+                else:
+                    holder.register_buffer(leaf, tensor, persistent=leaf not in owner._non_persistent_buffers_set)
+                have.add(name)
+            added += 1
+    return added
+
+
 def _user_frame_trace(frame) -> Optional[str]:
     """The innermost user frame of the stack above ``frame`` (not torch's, not this
     module's), formatted as torch formats a stack, "" when torch's recording would
@@ -308,6 +350,7 @@ def trace_model(
     # compiles it as usual
     with paused_gc():
         gm = _TracedGraphModule(tracer.root, graph, name)
+    keep_unused_tensors(gm, model)
     task_output_nodes(gm)
     # trace again in the other mode only if some traced code reads the mode
     if _reads_mode(tracer.traced_types | {type(model)}) and \

@@ -157,3 +157,14 @@ def test_runs_where_the_model_lives_cuda():
     model = entry.build().cuda()
     result = dfx.compress(model, entry.task_losses, entry.batches(2), dfx.CompressConfig(num_batches=2, progress=False))
     assert result.model.stem.weight.is_cuda and result.plan.masks["stem.weight"].is_cuda
+
+
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+def test_the_masked_model_holds_every_tensor_of_the_users_model(granularity):
+    """with_unused has a spare head the forward never calls: its weights stay in the
+    masked model, so the user's checkpoint loads into it strictly."""
+    model, result = compress(ZOO_BY_NAME["with_unused"], granularity=granularity)
+    keys = set(result.model.state_dict())
+    assert set(model.state_dict()) <= keys
+    masks = {k: v for k, v in result.model.state_dict().items() if k not in model.state_dict()}
+    result.model.load_state_dict({**model.state_dict(), **masks}, strict=True)

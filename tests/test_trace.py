@@ -203,3 +203,30 @@ def test_values_computed_under_no_grad_are_detached_where_they_leave_the_block(c
 
 def test_a_model_without_no_grad_gets_no_detach():
     assert "detach" not in trace_pass.trace_model(ZOO[0].build()).code
+
+
+class _WithSpares(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.p, self.q = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2), torch.nn.Linear(8, 3)
+        self.aux = torch.nn.Linear(8, 5)  # never called
+        self.deep = torch.nn.ModuleDict({"x": torch.nn.Linear(2, 2)})
+        self.scale = torch.nn.Parameter(torch.ones(3))  # never read
+        self.register_buffer("stat", torch.zeros(2))
+        self.register_buffer("scratch", torch.zeros(2), persistent=False)
+
+    def forward(self, x):
+        h = self.a(x)
+        return {"p": self.p(h), "q": self.q(h)}
+
+
+def test_tensors_the_graph_never_reads_are_kept():
+    """fx copies only what the graph reads; a checkpoint of the user's model must still
+    load strictly into the traced (and so the masked) model."""
+    model = _WithSpares()
+    gm = trace_pass.trace_model(model)
+    assert set(gm.state_dict()) == set(model.state_dict())
+    assert gm.aux is model.aux and gm.scale is model.scale and gm.get_buffer("scratch") is model.scratch
+    assert "scratch" in gm._non_persistent_buffers_set
+    gm.load_state_dict(model.state_dict(), strict=True)
+    assert trace_pass.keep_unused_tensors(gm, model) == 0  # nothing left to add
