@@ -17,9 +17,11 @@ import torch.fx as fx
 
 from disparse_fx.passes.channel_costs import ChannelCostModel, flop_cost_model, param_cost_model
 from disparse_fx.passes.channel_groups import ChannelGroups
+from disparse_fx.passes.errors import warn
 
 from .channel_decision import TARGET_TOLERANCE
 from .config import CompressConfig
+from .latency_model import example_batch_size, latency_cost_model
 
 __all__ = ["BudgetReport", "budget_model", "budget_report"]
 
@@ -64,6 +66,29 @@ class BudgetReport:
         return f"{head}; {body}" + (f"; {self.note}" if self.note else "")
 
 
+#: A latency plan removing this much more of the FLOPs than of the modelled latency is
+#: flagged: the model's time is mostly not arithmetic.
+OVERHEAD_GAP = 0.25
+
+
+def _overhead_bound(config: CompressConfig, flops: Tuple[int, int], batch: int) -> str:
+    """A warning (also returned, for the report's note) when a latency target needed far
+    more of the FLOPs than it removes of the time. Such a model (small inputs, many small
+    ops) spends its time in per-op dispatch and memory-bound ops; the latency model
+    scales every op's time with its kept channels, so there it promises more speed-up
+    than slimming gives."""
+    removed = 1.0 - flops[1] / flops[0]
+    if removed - config.sparsity <= OVERHEAD_GAP:
+        return ""
+    text = (f"budget='latency' at sparsity={config.sparsity:g} removes {removed:.1%} of the FLOPs: at batch {batch} "
+            "this model's forward time is mostly per-op overhead and memory-bound ops, which the latency table "
+            "scales with the kept channels as if they were arithmetic, so the measured speed-up of the slim "
+            "model is likely smaller than the modelled one. Time dfx.slim(result) against the dense model "
+            "(benchmarks/speed.py) before relying on it, or lower the sparsity")
+    warn(text)
+    return "overhead-bound: the modelled latency saving is optimistic"
+
+
 def _removed(before, after) -> str:
     return f"{1 - after / before:.1%}" if before else ""
 
@@ -81,8 +106,6 @@ def budget_model(config: CompressConfig, gm: fx.GraphModule, groups: ChannelGrou
     if config.budget == "flops":
         return flop_cost_model(gm, groups, example)
     if config.budget == "latency":
-        from .latency_model import latency_cost_model
-
         return latency_cost_model(gm, groups, example, time_limit_s=config.latency_time_limit_s,
                                   progress=config.progress)
     return None
@@ -101,6 +124,9 @@ def budget_report(config: CompressConfig, gm: fx.GraphModule, groups: ChannelGro
     if model is not None and model.unit == "ms":
         latency = (float(model.cost(ones)), float(model.cost(flat)))
         note = getattr(model, "note", "")
+    flops_pair = (int(round(float(flops.cost(ones)))), int(round(float(flops.cost(flat)))))
+    if latency is not None and flops_pair[0]:
+        note = "; ".join(filter(None, [note, _overhead_bound(config, flops_pair, example_batch_size(example))]))
     if abs(achieved - config.sparsity) > TARGET_TOLERANCE:
         note = "; ".join(filter(None, [note, f"off target by {achieved - config.sparsity:+.4f}: the nearest cut of "
                                              f"the channel ranking (the next channel in it "
@@ -108,5 +134,5 @@ def budget_report(config: CompressConfig, gm: fx.GraphModule, groups: ChannelGro
     return BudgetReport(
         kind=config.budget, target=float(config.sparsity), achieved=float(achieved),
         params=(int(round(float(params.cost(ones)))), int(round(float(params.cost(flat))))),
-        flops=(int(round(float(flops.cost(ones)))), int(round(float(flops.cost(flat))))),
+        flops=flops_pair,
         latency_ms=latency, note=note)

@@ -44,7 +44,7 @@ from disparse_fx.passes.channel_costs import ChannelCostModel, CostTerm, factor_
 from disparse_fx.passes.channel_groups import ChannelGroups
 from disparse_fx.passes.flops import flop_terms, shape_propagated
 
-__all__ = ["latency_cost_model", "GRID"]
+__all__ = ["latency_cost_model", "example_batch_size", "GRID"]
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +112,15 @@ def latency_cost_model(gm: fx.GraphModule, groups: ChannelGroups, example: Tuple
                           table=None if t.table is None else t.table * scale, grid=t.grid, node=t.node,
                           grid_out=t.grid_out) for t in terms]
     note = (f"latency table: {len(tabled)} layers measured on {device.type} ({dtype}, batch "
-            f"{_batch(example)}, {torch.get_num_threads()} threads)"
+            f"{example_batch_size(example)}, {torch.get_num_threads()} threads)"
             + (f"; {unmeasured} scaled by FLOPs (time limit {time_limit_s:g} s or unsupported shape)"
                if unmeasured else ""))
     log.info(note)
     return ChannelCostModel(terms=tuple(terms), num_channels=groups.num_channels, unit="ms", note=note)
 
 
-def _batch(example) -> int:
+def example_batch_size(example) -> int:
+    """The batch size of the first example input (1 when it has none)."""
     first = example[0] if example else None
     return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
 

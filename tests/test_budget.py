@@ -275,3 +275,18 @@ def test_a_target_the_channels_are_too_coarse_to_land_near_is_reported():
     (message,) = [str(w.message) for w in caught if "nearest cut of the channel ranking" in str(w.message)]
     assert f"removes {result.plan.budget.achieved:.4f}" in message and "coarse" in message
     assert "off target by" in result.plan.budget.note and "off target by" in str(result.plan.budget)
+
+
+def test_a_latency_plan_that_strips_the_flops_is_flagged_as_overhead_bound(recwarn):
+    """A user's mobilenet_v3_small at 64 px, batch 4: latency 0.45 removed 93% of the
+    FLOPs, the modelled saving was 45%, the measured one 18%. Such a plan is flagged."""
+    from disparse_fx.budget import OVERHEAD_GAP, _overhead_bound
+
+    cfg = dfx.CompressConfig(sparsity=0.45, granularity="channel", budget="latency")
+    with pytest.warns(dfx.DisparseWarning, match=r"removes 93.3% of the FLOPs: at batch 4 .* per-op overhead.*"
+                                                 r"benchmarks/speed.py"):
+        note = _overhead_bound(cfg, (1000, 67), batch=4)
+    assert "overhead-bound" in note
+    recwarn.clear()
+    assert _overhead_bound(cfg, (1000, int(1000 * (1 - 0.45 - OVERHEAD_GAP)) + 1), batch=4) == ""
+    assert not recwarn.list  # compute-bound: FLOPs go about as the time does
