@@ -95,6 +95,8 @@ def compress(
 
     prunable = _select_prunable(gm, model, ownership.owners, config)
     unpruned = _report_unpruned(gm, model, prunable, ownership.owners, config) if config.filter_fn is None else {}
+    if config.filter_fn is None:
+        _report_frozen(model, prunable)
     tick = _lap(timings, "ownership", tick)
     example = None if first is None else check_example(gm, model, model_inputs(inputs, first, 0),
                                                        trial=config.granularity == "channel")
@@ -294,6 +296,19 @@ def _select_prunable(gm, model, owners, config) -> tuple:
     if not chosen:
         raise NoPrunableParametersError(f"the model has no prunable parameter: {what}")
     return chosen
+
+
+def _report_frozen(model: nn.Module, prunable: Sequence[str]) -> None:
+    """Frozen weights (requires_grad=False) are pruned like the others - importance scores
+    detached copies - but fine-tuning cannot make up for what they lose: say so. A
+    filter_fn the user wrote is their choice and is not second-guessed."""
+    params = dict(model.named_parameters())
+    frozen = [p for p in prunable if not params[p].requires_grad]
+    if frozen:
+        shown = ", ".join(f"'{p}'" for p in frozen[:4]) + (f" and {len(frozen) - 4} more" if len(frozen) > 4 else "")
+        warn(f"{len(frozen)} frozen weight(s) (requires_grad=False) are pruned ({shown}); fine-tuning will not "
+             "update them to make up for it. To leave them dense, e.g.: "
+             "CompressConfig(filter_fn=lambda name, p: p.requires_grad and p.dim() > 1)")
 
 
 def _accepts(filter_fn, name: str, param: nn.Parameter) -> bool:

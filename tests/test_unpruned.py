@@ -109,3 +109,17 @@ def test_summary_and_report_list_the_weights_left_dense(tmp_path, monkeypatch):
     text = dfx.report(result)
     assert "Weights left dense" in text and "block.b.weight" in text
     assert "weights left dense" not in _compress().summary()
+
+
+def test_frozen_weights_that_are_pruned_are_named_with_the_filter_that_keeps_them():
+    model = Net()
+    model.stem.weight.requires_grad_(False)
+    cfg = dict(sparsity=0.5, num_batches=2, progress=False)
+    with pytest.warns(dfx.DisparseWarning, match=r"1 frozen weight\(s\) \(requires_grad=False\) are pruned "
+                                                 r"\('stem.weight'\).*filter_fn=lambda name, p: p.requires_grad"):
+        result = dfx.compress(model, LOSSES, _data(), dfx.CompressConfig(**cfg))
+    assert "stem.weight" in result.plan.prunable and not model.stem.weight.requires_grad
+    # the advice works: the frozen weight stays dense, the others are still pruned
+    kept = dfx.compress(model, LOSSES, _data(), dfx.CompressConfig(
+        filter_fn=lambda name, p: p.requires_grad and p.dim() > 1, **cfg))
+    assert "stem.weight" not in kept.plan.prunable and "seg.weight" in kept.plan.prunable
