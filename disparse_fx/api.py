@@ -212,7 +212,7 @@ def slim(result: CompressionResult, example_inputs=None) -> fx.GraphModule:
     example = example if isinstance(example, tuple) else (example,)
     folded = fold_masks(result.model)  # pruned weights are zeros; masks leave the graph
     # exact-only removal may keep what it cannot analyse: an op without a channel rule
-    # keeps every channel it touches (a logged warning names it) instead of raising
+    # keeps every channel it touches (a DisparseWarning names it) instead of raising
     groups = find_channel_groups(folded, example, unknown_ops="keep")
     # the model's mask buffers are the truth (dynamic sparse training moves them after compress)
     masks = {p: m != 0 for p, m in masked_params(result.model).items()}

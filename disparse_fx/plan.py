@@ -64,7 +64,7 @@ class Plan:
     unpruned: conv / linear weights that reach a task but stay dense under the default
     parameter filter, ``{name: reason}`` (inside a leaf module the graph calls as one op, or
     also used as something other than a weight); ``sparsity`` does not count them.
-    compress() logs a warning naming them; summary() and report() list them.
+    compress() names them in a DisparseWarning; summary() and report() list them.
     """
 
     owners: Mapping[str, FrozenSet[Hashable]]
