@@ -67,7 +67,8 @@ def warn(message: str) -> None:
     """
     ours = _library_dirs()
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(ours):
+    while frame is not None and (frame.f_code.co_filename.startswith("<frozen")  # runpy: `python -m` (the CLI)
+                                 or os.path.abspath(frame.f_code.co_filename).startswith(ours)):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, DisparseWarning, stacklevel=level + 1 if frame is not None else 2)
 
