@@ -164,10 +164,11 @@ class _Tracer(fx.Tracer):
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
         node = self._create_node(kind, target, args, kwargs, name, type_expr)
-        if kind in _COMPUTATIONS and getattr(self, "_grad_at_start", False) and (
-                not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
-                or (target is operator.getitem and isinstance(args[0], fx.Node) and args[0].meta.get(NO_GRAD))):
-            node.meta[NO_GRAD] = True
+        if kind in _COMPUTATIONS and getattr(self, "_grad_at_start", False):
+            off = not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
+            if (off and _may_carry_grad(node)) or (  # an element of a no-grad tuple, taken anywhere
+                    target is operator.getitem and isinstance(args[0], fx.Node) and args[0].meta.get(NO_GRAD)):
+                node.meta[NO_GRAD] = True
         return node
 
     def _create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
@@ -196,6 +197,29 @@ class _Tracer(fx.Tracer):
 #: set_grad_enabled(False), inference_mode()).
 NO_GRAD = "disparse_fx_no_grad"
 _COMPUTATIONS = ("call_function", "call_method", "call_module")
+
+
+#: Tensor methods whose value is never a tensor (sizes, flags, Python numbers).
+_NON_TENSOR_METHODS = frozenset({
+    "size", "dim", "ndimension", "numel", "nelement", "item", "tolist", "stride", "element_size",
+    "is_contiguous", "is_floating_point", "is_complex", "get_device", "data_ptr", "__len__"})
+
+
+def _may_carry_grad(node: fx.Node) -> bool:
+    """Whether a node traced inside a no-grad block may produce a tensor (only those are
+    detached where they leave it): a module call, a torch function or tensor method,
+    or Python arithmetic on such a value. Sizes and the numbers computed from them are
+    not tensors (``.detach()`` on them would fail)."""
+    if node.op == "call_module":
+        return True
+    if node.op == "call_method":
+        return node.target not in _NON_TENSOR_METHODS
+    module = getattr(node.target, "__module__", None) or ""
+    if node.target in (getattr, len) or module in ("builtins", "math"):
+        return False
+    if module in ("_operator", "operator"):  # a + b: a tensor iff an operand may be one
+        return any(a.meta.get(NO_GRAD) for a in node.all_input_nodes)
+    return True
 
 
 def _detach_no_grad_regions(graph: fx.Graph) -> int:

@@ -173,7 +173,24 @@ class _ChunkOutside(_Trunk):
         return {"p": self.p(self.b(h)), "q": self.q(self.b(h))}
 
 
-@pytest.mark.parametrize("cls", [_NoGradBlock, _SetGradEnabled, _DecoratedForward, _ChunkOutside])
+class _SizesInside(_Trunk):
+    """Sizes and numbers computed in the block are not tensors: nothing to detach there;
+    a parameter used with the block's value outside it still gets its gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.a(x)
+            rows = h.size(0) + 1 - 1
+            width = h.shape[1]
+        y = h.view(rows, width) * self.scale
+        return {"p": self.p(y), "q": self.q(self.b(h))}
+
+
+@pytest.mark.parametrize("cls", [_NoGradBlock, _SetGradEnabled, _DecoratedForward, _ChunkOutside, _SizesInside])
 def test_values_computed_under_no_grad_are_detached_where_they_leave_the_block(cls):
     """fx records a no_grad block's ops but not the mode: the traced graph must not
     backpropagate where the user's forward does not (same outputs, same gradients)."""
