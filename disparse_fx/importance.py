@@ -196,12 +196,13 @@ def _gradient_scores(gm, units, params, task_losses, data, inputs, config) -> Ta
 def _warn_gradient_free(what: str, names: Sequence[str], domain: int, batches: int, config) -> None:
     """Parameters of a unit's domain that got no gradient at all: their gradient scores
     are 0, so the decision removes them first. Said, not guessed around: a frozen
-    block (``torch.no_grad()`` / ``.detach()`` in forward) or a non-differentiable path."""
+    block (``torch.no_grad()`` / ``.detach()`` in forward), a non-differentiable path,
+    or a zero-initialised layer after them (e.g. ``zero_init_residual``)."""
     shown = ", ".join(f"'{p}'" for p in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     warn(f"{len(names)} of the {domain} prunable parameters that {what} reaches got zero gradient on all "
          f"{batches} batches ({shown}): their {config.criterion} scores are 0, so they are pruned first. "
-         "They are reached only through a gradient-free path (torch.no_grad() or .detach() in forward, or a "
-         "non-differentiable op). To keep them, leave them out with CompressConfig(filter_fn=...); to score "
+         "Typical causes: a gradient-free path (torch.no_grad() or .detach() in forward, a non-differentiable op) "
+         "or a zero-initialised layer after them. To keep them, leave them out with CompressConfig(filter_fn=...); to score "
          "them by size, use criterion='magnitude'")
 
 

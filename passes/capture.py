@@ -49,6 +49,7 @@ import io
 import logging
 import operator
 import sys
+import threading
 from typing import Any, Dict, Iterable, Optional, Sequence
 
 import torch
@@ -122,24 +123,13 @@ def export_model(model: nn.Module, example_inputs: Sequence[Any], *, dynamic: bo
                 f"takes tensors")
     shapes = tuple({d: torch.export.Dim.AUTO for d in _dynamic_dims(x)} for x in example) if dynamic else None
     modes = [(m, m.training) for m in model.modules()]
-    text = ""
     try:
         # the eval graph: a train-mode export would bake dropout in for good (train=True is
         # a constant of aten.dropout); its dropouts become modules that follow the mode
         model.eval()
-        # torch.export prints its partial graph to stderr when it fails (twice: two nested
-        # wrappers); the user reads our TraceError instead, and the graph goes to the debug log
-        printed = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(printed):
-                ep = torch.export.export(model, example, dynamic_shapes=shapes, strict=False)
-        finally:
-            text = printed.getvalue()
-        if text:
-            sys.stderr.write(text)  # succeeded: whatever it printed is the user's to see
+        with _partial_graph_dumps_to_debug_log(type(model).__name__):
+            ep = torch.export.export(model, example, dynamic_shapes=shapes, strict=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
-        if text:
-            log.debug("torch.export printed, while failing on %s:\n%s", type(model).__name__, text)
         raise TraceError(f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
     finally:
@@ -149,6 +139,32 @@ def export_model(model: nn.Module, example_inputs: Sequence[Any], *, dynamic: bo
     task_output_nodes(gm)
     log.debug("exported %s:\n%s", type(model).__name__, gm.code)
     return gm
+
+
+@contextlib.contextmanager
+def _partial_graph_dumps_to_debug_log(name: str):
+    """torch.export prints its partial graph to stderr when it fails (twice: two nested
+    wrappers); the user reads our TraceError instead, and the dump goes to the debug log.
+    Everything else printed meanwhile (warnings, other threads' output) is written out
+    as it would have been. sys.stderr is process-wide, so it is swapped only on the main
+    thread (elsewhere the dump is printed as torch prints it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            yield
+    except BaseException as exc:
+        text = printed.getvalue()
+        dump = getattr(exc, "partial_fx_graph", None) or getattr(exc.__cause__, "partial_fx_graph", None)
+        if dump is not None:
+            text = text.replace(f"{dump}\n", "")
+            log.debug("torch.export's partial graph of %s:\n%s", name, dump)
+        sys.stderr.write(text)
+        raise
+    else:
+        sys.stderr.write(printed.getvalue())
 
 
 def _dynamic_dims(x: torch.Tensor) -> range:

@@ -32,6 +32,7 @@ from typing import Any, Dict, Hashable, Iterable, Mapping, Optional, Set
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.utils._pytree as pytree
 from torch.utils._traceback import CapturedTraceback
 
 from .errors import TraceError, warn
@@ -56,7 +57,7 @@ else:
             new.recompile()
             return new
 
-__all__ = ["trace_model", "task_output_nodes", "task_names", "keep_unused_tensors", "TRACED_THROUGH"]
+__all__ = ["trace_model", "task_output_nodes", "task_names", "keep_unused_tensors", "detach_leaves", "TRACED_THROUGH"]
 
 log = logging.getLogger(__name__)
 
@@ -157,17 +158,21 @@ class _Tracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
     def trace(self, root, concrete_args=None):
-        # fx does not record grad mode: a forward's torch.no_grad() region runs (and is
-        # seen here) with grad disabled, but its ops land in the graph like any other
-        self._grad_at_start = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
-        return super().trace(root, concrete_args)
+        """The graph, with the forward's no-grad blocks detached where they leave
+        (:func:`_detach_no_grad_regions`). fx does not record grad mode: a block's ops
+        run here with gradients off and land in the graph like any other, so they are
+        marked as they are made; gradients are on around the whole trace, whatever the
+        caller's mode, so that only the forward's own blocks are marked."""
+        with torch.inference_mode(False), torch.enable_grad():
+            graph = super().trace(root, concrete_args)
+        self.detached = _detach_no_grad_regions(graph, self.root)
+        return graph
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
         node = self._create_node(kind, target, args, kwargs, name, type_expr)
-        if kind in _COMPUTATIONS and getattr(self, "_grad_at_start", False):
+        if kind in _COMPUTATIONS:
             off = not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
-            if (off and _may_carry_grad(node)) or (  # an element of a no-grad tuple, taken anywhere
-                    target is operator.getitem and isinstance(args[0], fx.Node) and args[0].meta.get(NO_GRAD)):
+            if (off and _may_carry_grad(node)) or _part_of_no_grad_value(node):
                 node.meta[NO_GRAD] = True
         return node
 
@@ -215,14 +220,57 @@ def _may_carry_grad(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target not in _NON_TENSOR_METHODS
     module = getattr(node.target, "__module__", None) or ""
-    if node.target in (getattr, len) or module in ("builtins", "math"):
+    if node.target is getattr:
+        return node.args[1] not in _METADATA
+    if node.target is len or module in ("builtins", "math"):
         return False
     if module in ("_operator", "operator"):  # a + b: a tensor iff an operand may be one
         return any(a.meta.get(NO_GRAD) for a in node.all_input_nodes)
     return True
 
 
-def _detach_no_grad_regions(graph: fx.Graph) -> int:
+#: Attributes of a tensor that are not tensors.
+_METADATA = frozenset({"shape", "dtype", "device", "ndim", "layout", "is_cuda", "requires_grad", "is_leaf",
+                       "is_sparse", "is_quantized", "is_meta", "names"})
+#: Ops whose value may be a tuple of tensors (torch.return_types or plain tuples): their
+#: value is detached leaf by leaf where it leaves a no-grad block whole.
+_TUPLE_OPS = frozenset({"chunk", "split", "split_with_sizes", "tensor_split", "unbind", "topk", "sort",
+                        "kthvalue", "mode", "aminmax", "unique", "frexp", "svd", "qr",
+                        "slogdet", "histogram", "std_mean", "var_mean", "unique_consecutive", "meshgrid",
+                        "broadcast_tensors", "lstm", "gru", "rnn_tanh", "rnn_relu"})
+
+
+def detach_leaves(value: Any) -> Any:
+    """``value`` with every tensor in it detached (a tuple or a torch.return_types value
+    leaving a no-grad block whole)."""
+    return pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, value)
+
+
+def _part_of_no_grad_value(node: fx.Node) -> bool:
+    """``value[i]`` or ``value.values`` of a no-grad value, taken anywhere: still no-grad
+    (the element is detached, not the tuple)."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if not node.args[0].meta.get(NO_GRAD):
+        return False
+    return node.target is operator.getitem or (node.target is getattr and node.args[1] not in _METADATA)
+
+
+def _may_be_tuple(node: fx.Node, root: nn.Module) -> bool:
+    if node.op == "call_module":
+        return isinstance(root.get_submodule(node.target), (nn.RNNBase, nn.MultiheadAttention))
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name in _REDUCTIONS_WITH_INDICES:  # x.max(): a tensor; x.max(1): (values, indices)
+        rest = node.args[1:] if node.op == "call_method" or node.args else ()
+        return "dim" in node.kwargs or any(isinstance(a, int) and not isinstance(a, bool) for a in rest[:1])
+    return name in _TUPLE_OPS
+
+
+#: Reductions that return (values, indices) when given a dim, a tensor otherwise.
+_REDUCTIONS_WITH_INDICES = frozenset({"max", "min", "median", "nanmedian"})
+
+
+def _detach_no_grad_regions(graph: fx.Graph, root: nn.Module) -> int:
     """Give the graph the forward's gradient flow where it turned gradients off.
 
     torch.fx records the ops of a ``with torch.no_grad():`` block but not the mode, so the
@@ -246,7 +294,10 @@ def _detach_no_grad_regions(graph: fx.Graph) -> int:
         if not leaving:
             continue
         with graph.inserting_after(n):
-            detached = graph.call_method("detach", (n,))
+            if _may_be_tuple(n, root):  # detach its tensor leaves, whatever it holds
+                detached = graph.call_function(detach_leaves, (n,))
+            else:
+                detached = graph.call_method("detach", (n,))
         detached.meta["stack_trace"] = n.meta.get("stack_trace")
         for u in leaving:
             u.replace_input_with(n, detached)
@@ -260,15 +311,22 @@ def keep_unused_tensors(gm: fx.GraphModule, model: nn.Module) -> int:
     fx's GraphModule copies only the submodules and attributes the graph uses, so an
     unused head or a spare parameter vanished from the compressed and slim models and
     their state_dicts: a checkpoint of the user's model no longer loaded strictly. An
-    unused submodule is attached whole (shared, as the used ones are); a tensor of a
-    module fx rebuilt (the root, a path fx made of plain Modules) is registered on it,
-    a buffer as persistent as it was. Returns the number of tensors added.
+    unused submodule is attached whole (shared, as the used ones are) unless it holds a
+    module ``gm`` already has (a second name for a used block: one module under two
+    paths breaks ``torch.func.functional_call``) or hooks (code ``save`` refuses); then
+    plain Modules hold its tensors, as fx builds the paths of ``get_attr``. A tensor of
+    a module fx rebuilt is registered on it, a buffer as persistent as it was. Returns
+    the number of tensors added.
     """
     def names(m):
         return {n for n, _ in m.named_parameters(remove_duplicate=False)} | \
             {n for n, _ in m.named_buffers(remove_duplicate=False)}
 
+    def attachable(m: nn.Module) -> bool:
+        return not any(id(sub) in present or _has_hooks(sub) for sub in m.modules())
+
     have = names(gm)
+    present = {id(m) for m in gm.modules()}
     added = 0
     for kind in ("parameter", "buffer"):
         items = model.named_parameters(remove_duplicate=False) if kind == "parameter" else \
@@ -280,10 +338,16 @@ def keep_unused_tensors(gm: fx.GraphModule, model: nn.Module) -> int:
             holder, parts = gm, path.split(".") if path else []
             for i, part in enumerate(parts):
                 child = holder._modules.get(part)
-                if child is None:  # the first missing level: attach the user's module there
-                    holder.add_module(part, model.get_submodule(".".join(parts[: i + 1])))
-                    have = names(gm)
-                    break
+                if child is None:  # the first missing level
+                    theirs = model.get_submodule(".".join(parts[: i + 1]))
+                    if attachable(theirs):
+                        holder.add_module(part, theirs)
+                        present.update(id(m) for m in theirs.modules())
+                        have = names(gm)
+                        break
+                    child = nn.Module()
+                    holder.add_module(part, child)
+                    present.add(id(child))
                 holder = child
             else:
                 owner = model.get_submodule(path)
@@ -294,6 +358,10 @@ def keep_unused_tensors(gm: fx.GraphModule, model: nn.Module) -> int:
                 have.add(name)
             added += 1
     return added
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return any(isinstance(v, dict) and v for k, v in vars(m).items() if k.endswith("hooks") or "_hooks_" in k)
 
 
 def _user_frame_trace(frame) -> Optional[str]:
@@ -364,7 +432,7 @@ def trace_model(
             + "\n  what to do: " + _trace_advice(exc)
         ) from exc
     name = model.__class__.__name__
-    cut = _detach_no_grad_regions(graph)
+    cut = tracer.detached
     if cut:
         log.info("%s: %d value(s) computed under torch.no_grad() in forward are detached where they leave "
                  "the block (torch.fx does not record grad mode)", name, cut)

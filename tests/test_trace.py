@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from disparse_fx.passes import trace as trace_pass
-from disparse_fx.passes.errors import user_frame
+from disparse_fx.passes.errors import DisparseWarning, user_frame
 
 from .cnn_zoo import CNN_ZOO
 from .cnn_zoo import build as build_cnn
@@ -247,3 +247,82 @@ def test_tensors_the_graph_never_reads_are_kept():
     assert "scratch" in gm._non_persistent_buffers_set
     gm.load_state_dict(model.state_dict(), strict=True)
     assert trace_pass.keep_unused_tensors(gm, model) == 0  # nothing left to add
+
+
+class _TupleValues(_Trunk):
+    """Tuples leave the block: a torch.return_types value read by attribute, a chunk
+    used whole, a reduction with and without a dim."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            s = self.a(x)
+            top = s.topk(2).values
+            parts = s.chunk(2, 1)
+            peak = s.abs().max()
+            best = s.max(1)
+        y = torch.cat(parts, 1) / peak
+        return {"p": self.p(self.b(y)) + top.sum(1, keepdim=True) + best.values[:, None], "q": self.q(self.b(y))}
+
+
+def test_tuples_leaving_a_no_grad_block_are_detached_leaf_by_leaf():
+    test_values_computed_under_no_grad_are_detached_where_they_leave_the_block(_TupleValues)
+
+
+@pytest.mark.parametrize("outer", ["no_grad", "inference_mode"])
+def test_the_callers_grad_mode_does_not_change_the_trace(outer):
+    """Traced under an outer no_grad / inference_mode, the forward's own block is still
+    detached and nothing else is."""
+    model = _NoGradBlock()
+    reference = trace_pass.trace_model(model).code
+    with (torch.no_grad() if outer == "no_grad" else torch.inference_mode()):
+        assert trace_pass.trace_model(model).code == reference
+
+
+class _ModeAndNoGrad(_NoGradBlock):
+    """Reads self.training (so tracing is checked in the other mode) without a different graph."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        factor = 1.0 if self.training else 1.0
+        return {k: v * factor for k, v in out.items()}
+
+
+def test_a_no_grad_block_does_not_make_the_graph_look_mode_dependent():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DisparseWarning)
+        trace_pass.trace_model(_ModeAndNoGrad())
+
+
+class _AliasAndHook(_Trunk):
+    """A second name for a used block, and an unused head with a hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.alias = self.a
+        self.aux = torch.nn.Linear(8, 5)
+        self.aux.register_forward_hook(lambda *args: None)
+
+    def forward(self, x):
+        h = self.b(self.a(x))
+        return {"p": self.p(h), "q": self.q(h)}
+
+
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+def test_unused_aliases_and_hooked_heads_keep_their_tensors_without_harm(granularity, tmp_path):
+    import copy
+
+    import disparse_fx as dfx
+
+    model = _AliasAndHook()
+    before = copy.deepcopy(model.state_dict())
+    data = [{"input": torch.randn(4, 4), "p": torch.randn(4, 2), "q": torch.randn(4, 3)} for _ in range(2)]
+    losses = {t: (lambda t: lambda o, b: torch.nn.functional.mse_loss(o, b[t]))(t) for t in "pq"}
+    result = dfx.compress(model, losses, data, dfx.CompressConfig(
+        sparsity=0.5, granularity=granularity, num_batches=2, progress=False))
+    assert all(type(p) is torch.nn.Parameter for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # never mutated
+    assert set(model.state_dict()) <= set(result.model.state_dict())
+    dfx.save(result, tmp_path / "r.dfx")  # the hook stays on the user's module, not in the result
+    dfx.slim(result)
