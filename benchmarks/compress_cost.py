@@ -34,7 +34,6 @@ import itertools
 import json
 import os
 import pathlib
-import platform
 import resource
 import statistics
 import subprocess

@@ -81,7 +81,7 @@ import re
 import sys
 import types
 import zipfile
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx

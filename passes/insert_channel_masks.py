@@ -88,7 +88,6 @@ import torch.nn as nn
 
 from .attention import MultiheadAttention, mha_sizes
 from .channel_groups import ChannelGroups
-from .errors import DisparseValueError
 from .rules import SlimContext, lookup_channel_rule, op_name, register_channel_rule
 from .rules.elementwise import elementwise
 from .rules.norm import masked_layer_norm_rule, masked_rms_norm_rule

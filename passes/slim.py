@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch

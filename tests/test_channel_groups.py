@@ -2,7 +2,6 @@
 user rules, and the analysis' purity."""
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
 import disparse_fx.passes.rules as rules

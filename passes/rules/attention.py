@@ -36,7 +36,7 @@ an inner width different from its embedding width).
 from __future__ import annotations
 
 import operator
-from typing import Any, Dict, FrozenSet, List, Optional, Set
+from typing import Any, Dict, FrozenSet, List, Set
 
 import torch
 import torch.fx as fx

@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import torch
 
 from ..attention import shifted_window_attention
 from .registry import Labels, register_channel_rule
