@@ -17,7 +17,7 @@ from disparse_fx.passes.slim import channels_emptied_by, slim_channels
 from disparse_fx.passes.ownership import analyze_ownership
 from disparse_fx.passes.prunable import default_prunable_params, unpruned_weights
 from disparse_fx.passes.capture import CAPTURES, capture_model
-from disparse_fx.passes.errors import warn
+from disparse_fx.passes.errors import some_names, warn
 
 from .budget import budget_model, budget_report
 from .channel_decision import decide_channels
@@ -93,10 +93,12 @@ def compress(
     ownership = analyze_ownership(gm, reference=model)
     losses = guard_losses(_match_task_losses(task_losses, ownership.tasks))
 
-    prunable = _select_prunable(gm, model, ownership.owners, config)
-    unpruned = _report_unpruned(gm, model, prunable, ownership.owners, config) if config.filter_fn is None else {}
+    params = dict(model.named_parameters())
+    prunable = _select_prunable(gm, model, params, ownership.owners, config)
+    unpruned = {}
     if config.filter_fn is None:
-        _report_frozen(model, prunable)
+        unpruned = _report_unpruned(gm, model, params, prunable, ownership.owners, config)
+        _report_frozen(params, prunable)
     tick = _lap(timings, "ownership", tick)
     example = None if first is None else check_example(gm, model, model_inputs(inputs, first, 0),
                                                        trial=config.granularity == "channel")
@@ -106,7 +108,6 @@ def compress(
             raise NotEnoughBatchesError("granularity='channel' needs one batch to find the channel groups; data is empty")
         groups = find_channel_groups(gm, example, attention=config.attention)
     tick = _lap(timings, "groups", tick)
-    params = dict(model.named_parameters())
     domains = {t: tuple(p for p in prunable if t in ownership.owners[p]) for t in ownership.tasks}
     for t, dom in domains.items():
         if not dom:
@@ -283,10 +284,9 @@ def _match_task_losses(task_losses, tasks) -> Dict[Hashable, LossFn]:
     return {t: given[t] for t in tasks}
 
 
-def _select_prunable(gm, model, owners, config) -> tuple:
+def _select_prunable(gm, model, params, owners, config) -> tuple:
     """Prunable = used by at least one task and accepted by the filter (or the default)."""
     if config.filter_fn is not None:
-        params = dict(model.named_parameters())
         chosen = tuple(p for p in owners if owners[p] and _accepts(config.filter_fn, p, params[p]))
         what = "config.filter_fn accepted none of the used parameters"
     else:
@@ -298,16 +298,14 @@ def _select_prunable(gm, model, owners, config) -> tuple:
     return chosen
 
 
-def _report_frozen(model: nn.Module, prunable: Sequence[str]) -> None:
+def _report_frozen(params: Mapping[str, nn.Parameter], prunable: Sequence[str]) -> None:
     """Frozen weights (requires_grad=False) are pruned like the others - importance scores
     detached copies - but fine-tuning cannot make up for what they lose: say so. A
     filter_fn the user wrote is their choice and is not second-guessed."""
-    params = dict(model.named_parameters())
     frozen = [p for p in prunable if not params[p].requires_grad]
     if frozen:
-        shown = ", ".join(f"'{p}'" for p in frozen[:4]) + (f" and {len(frozen) - 4} more" if len(frozen) > 4 else "")
-        warn(f"{len(frozen)} frozen weight(s) (requires_grad=False) are pruned ({shown}); fine-tuning will not "
-             "update them to make up for it. To leave them dense, e.g.: "
+        warn(f"{len(frozen)} frozen weight(s) (requires_grad=False) are pruned ({some_names(frozen)}); "
+             "fine-tuning will not update them to make up for it. To leave them dense, e.g.: "
              "CompressConfig(filter_fn=lambda name, p: p.requires_grad and p.dim() > 1)")
 
 
@@ -322,7 +320,7 @@ def _accepts(filter_fn, name: str, param: nn.Parameter) -> bool:
             "and must return True to prune it") from exc
 
 
-def _report_unpruned(gm, model, prunable, owners, config) -> Dict[str, str]:
+def _report_unpruned(gm, model, params, prunable, owners, config) -> Dict[str, str]:
     """Conv / linear weights that reach a task but the default filter could not prune
     (inside a leaf module, or also used as something other than a weight): warned about
     here and kept in Plan.unpruned, so ``sparsity`` is never read as covering them. At
@@ -332,14 +330,12 @@ def _report_unpruned(gm, model, prunable, owners, config) -> Dict[str, str]:
         unpruned = {p: why for p, why in unpruned.items()
                     if not isinstance(model.get_submodule(p.rpartition(".")[0]), nn.RNNBase)}
     if unpruned:
-        params = dict(model.named_parameters())
         left = sum(params[p].numel() for p in unpruned)
         total = left + sum(params[p].numel() for p in prunable)
         by_reason: Dict[str, list] = {}
         for p, why in unpruned.items():
             by_reason.setdefault(why, []).append(p)
-        shown = "; ".join(f"{why}: " + ", ".join(f"'{p}'" for p in names[:3]) + (
-            f" and {len(names) - 3} more" if len(names) > 3 else "") for why, names in by_reason.items())
+        shown = "; ".join(f"{why}: {some_names(names, 3)}" for why, names in by_reason.items())
         warn("%d conv/linear weight(s) stay dense (%d elements, %.1f%% of all conv/linear weight elements; "
              "sparsity counts only the prunable ones): %s. To prune them, let the tracer enter the "
              "module (leave it out of leaf_modules) or choose parameters with CompressConfig(filter_fn=...)"

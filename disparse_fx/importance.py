@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import CompressConfig
-from disparse_fx.passes.errors import warn
+from disparse_fx.passes.errors import some_names, warn
 
 from .errors import InputError, LossError, NotEnoughBatchesError, ZeroGradientError
 from .validate import LossFunctionError, to_device
@@ -198,12 +198,11 @@ def _warn_gradient_free(what: str, names: Sequence[str], domain: int, batches: i
     are 0, so the decision removes them first. Said, not guessed around: a frozen
     block (``torch.no_grad()`` / ``.detach()`` in forward), a non-differentiable path,
     or a zero-initialised layer after them (e.g. ``zero_init_residual``)."""
-    shown = ", ".join(f"'{p}'" for p in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     warn(f"{len(names)} of the {domain} prunable parameters that {what} reaches got zero gradient on all "
-         f"{batches} batches ({shown}): their {config.criterion} scores are 0, so they are pruned first. "
-         "Typical causes: a gradient-free path (torch.no_grad() or .detach() in forward, a non-differentiable op) "
-         "or a zero-initialised layer after them. To keep them, leave them out with CompressConfig(filter_fn=...); to score "
-         "them by size, use criterion='magnitude'")
+         f"{batches} batches ({some_names(names)}): their {config.criterion} scores are 0, so they are pruned "
+         "first. Typical causes: a gradient-free path (torch.no_grad() or .detach() in forward, a "
+         "non-differentiable op) or a zero-initialised layer after them. To keep them, leave them out with "
+         "CompressConfig(filter_fn=...); to score them by size, use criterion='magnitude'")
 
 
 def flat_scores(shapes: Mapping[str, Sequence[int]], device, dtype: torch.dtype = torch.float32

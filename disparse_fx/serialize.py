@@ -88,6 +88,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from disparse_fx.passes.errors import user_frame, warn
+from disparse_fx.passes.trace import NN_MODULE_KEYS as _BASE_MODULE_KEYS, module_hooks
 
 from .errors import DisparseError, DisparseValueError
 
@@ -512,7 +513,6 @@ class _Decoder:
 
 
 # ----------------------------------------------------------------------------- graph modules
-_BASE_MODULE_KEYS = frozenset(nn.Module().__dict__)
 
 
 def _encode_graph_module(gm: fx.GraphModule, tensors: Dict[str, torch.Tensor]) -> Dict[str, Any]:
@@ -675,10 +675,9 @@ _MISSING = object()
 
 def _encode_module(path: str, mod: nn.Module, enc: _Encoder, *, must_exist: bool) -> Dict[str, Any]:
     where = f"module '{path or '<root>'}' ({type(mod).__name__})"
-    hooks = [k for k in _BASE_MODULE_KEYS if "hook" in k and isinstance(mod.__dict__.get(k), Mapping)
-             and mod.__dict__[k]]
+    hooks = module_hooks(mod)
     if hooks:
-        raise UnserializableError(f"{where} has hooks ({', '.join(sorted(hooks))}); hooks are code and are not "
+        raise UnserializableError(f"{where} has hooks ({', '.join(hooks)}); hooks are code and are not "
                                   f"saved - remove them before save()")
     if path == "":
         cls_name = None  # the GraphModule itself

@@ -24,6 +24,7 @@ __all__ = [
     "PostconditionError",
     "DisparseWarning",
     "warn",
+    "some_names",
     "describe_node",
     "user_source_line",
     "user_frame",
@@ -81,6 +82,13 @@ def _library_dirs() -> Tuple[str, ...]:
     if top is not None and getattr(top, "__file__", None):
         dirs.append(os.path.dirname(os.path.abspath(top.__file__)))
     return tuple(d + os.sep for d in dirs)
+
+
+def some_names(names, limit: int = 4) -> str:
+    """``'a', 'b', 'c' and 5 more``: the first ``limit`` names, quoted, for messages."""
+    names = list(names)
+    return ", ".join(f"'{n}'" for n in names[:limit]) + (
+        f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def describe_node(node: fx.Node, gm: Optional[fx.GraphModule] = None) -> str:

@@ -27,7 +27,7 @@ import operator
 import os
 import sys
 import traceback
-from typing import Any, Dict, Hashable, Iterable, Mapping, Optional, Set
+from typing import Any, Dict, Hashable, Iterable, Mapping, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -57,7 +57,8 @@ else:
             new.recompile()
             return new
 
-__all__ = ["trace_model", "task_output_nodes", "task_names", "keep_unused_tensors", "detach_leaves", "TRACED_THROUGH"]
+__all__ = ["trace_model", "task_output_nodes", "task_names", "keep_unused_tensors", "module_hooks", "NN_MODULE_KEYS",
+           "detach_leaves", "TRACED_THROUGH"]
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +262,7 @@ def _may_be_tuple(node: fx.Node, root: nn.Module) -> bool:
         return isinstance(root.get_submodule(node.target), (nn.RNNBase, nn.MultiheadAttention))
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     if name in _REDUCTIONS_WITH_INDICES:  # x.max(): a tensor; x.max(1): (values, indices)
-        rest = node.args[1:] if node.op == "call_method" or node.args else ()
-        return "dim" in node.kwargs or any(isinstance(a, int) and not isinstance(a, bool) for a in rest[:1])
+        return "dim" in node.kwargs or any(isinstance(a, int) and not isinstance(a, bool) for a in node.args[1:2])
     return name in _TUPLE_OPS
 
 
@@ -323,7 +323,7 @@ def keep_unused_tensors(gm: fx.GraphModule, model: nn.Module) -> int:
             {n for n, _ in m.named_buffers(remove_duplicate=False)}
 
     def attachable(m: nn.Module) -> bool:
-        return not any(id(sub) in present or _has_hooks(sub) for sub in m.modules())
+        return not any(id(sub) in present or module_hooks(sub) for sub in m.modules())
 
     have = names(gm)
     present = {id(m) for m in gm.modules()}
@@ -345,23 +345,30 @@ def keep_unused_tensors(gm: fx.GraphModule, model: nn.Module) -> int:
                         present.update(id(m) for m in theirs.modules())
                         have = names(gm)
                         break
-                    child = nn.Module()
+                    child = nn.Module()  # a plain holder: never one of the user's modules
                     holder.add_module(part, child)
-                    present.add(id(child))
                 holder = child
             else:
-                owner = model.get_submodule(path)
                 if kind == "parameter":
                     holder.register_parameter(leaf, tensor)
                 else:
-                    holder.register_buffer(leaf, tensor, persistent=leaf not in owner._non_persistent_buffers_set)
+                    persistent = leaf not in model.get_submodule(path)._non_persistent_buffers_set
+                    holder.register_buffer(leaf, tensor, persistent=persistent)
                 have.add(name)
             added += 1
     return added
 
 
-def _has_hooks(m: nn.Module) -> bool:
-    return any(isinstance(v, dict) and v for k, v in vars(m).items() if k.endswith("hooks") or "_hooks_" in k)
+#: The attributes every nn.Module has (its hook dicts among them).
+NN_MODULE_KEYS = frozenset(nn.Module().__dict__)
+
+
+def module_hooks(m: nn.Module) -> Tuple[str, ...]:
+    """The names of ``m``'s non-empty hook dicts (forward, backward, state-dict ...): code
+    attached to a module, which ``save`` refuses and :func:`keep_unused_tensors` does not
+    carry over."""
+    return tuple(sorted(k for k in NN_MODULE_KEYS if "hook" in k and isinstance(m.__dict__.get(k), Mapping)
+                        and m.__dict__[k]))
 
 
 def _user_frame_trace(frame) -> Optional[str]:
